@@ -1,0 +1,124 @@
+"""Reading the speeches data, checking it, and turning it into batches of token ids."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tokenizer import PAD_ID
+
+CLASS_NAMES = ("Barack Obama", "George W. Bush", "George H. W. Bush")
+TRAIN_CLS, TEST_CLS, TRAIN_LM = "train_CLS.tsv", "test_CLS.tsv", "train_LM.txt"
+TEST_LM = {"obama": "test_LM_obama.txt", "wbush": "test_LM_wbush.txt", "hbush": "test_LM_hbush.txt"}
+
+
+class DataError(ValueError):
+    """Bad input data: the message is one line that names the file (and line)."""
+
+
+def read_text(path: Path, hint: str = "") -> str:
+    """The whole file as text; missing, empty or non-UTF-8 files raise DataError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found{hint}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    if not text.strip():
+        raise DataError(f"{path}: file is empty")
+    return text
+
+
+@dataclass
+class LabelledSegments:
+    texts: list[str]
+    labels: list[int]
+    skipped_empty: int = 0
+
+
+def read_labelled_segments(path: Path, hint: str = "") -> LabelledSegments:
+    """Parse `label<TAB>segment` lines; empty segments are skipped and counted."""
+    segments = LabelledSegments([], [])
+    for number, line in enumerate(read_text(path, hint).splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != 2:
+            raise DataError(f"{path}:{number}: expected 'label<TAB>segment', found {len(fields) - 1} tabs")
+        label, text = fields[0].strip(), fields[1].strip()
+        if label not in ("0", "1", "2"):
+            raise DataError(f"{path}:{number}: label {label!r} is not 0, 1 or 2")
+        if not text:
+            segments.skipped_empty += 1
+            continue
+        segments.texts.append(text)
+        segments.labels.append(int(label))
+    if not segments.texts:
+        raise DataError(f"{path}: no labelled segments")
+    return segments
+
+
+@dataclass
+class Speeches:
+    """The six course files, read and checked."""
+
+    train_cls: LabelledSegments
+    test_cls: LabelledSegments
+    train_lm: str
+    test_lm: dict[str, str]
+
+    def vocabulary_texts(self) -> list[str]:
+        """The non-test text the vocabulary is built from (as the course does)."""
+        return self.train_cls.texts + [self.train_lm]
+
+
+def load_speeches(data_dir: Path) -> Speeches:
+    """Read the course files from `data_dir`, raising DataError on any problem."""
+    data_dir = Path(data_dir)
+    hint = f" (looked in --data-dir {data_dir})"
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: data folder not found; pass --data-dir DIR holding the six course files")
+    return Speeches(
+        train_cls=read_labelled_segments(data_dir / TRAIN_CLS, hint),
+        test_cls=read_labelled_segments(data_dir / TEST_CLS, hint),
+        train_lm=read_text(data_dir / TRAIN_LM, hint),
+        test_lm={name: read_text(data_dir / file, hint) for name, file in TEST_LM.items()},
+    )
+
+
+def encode_segments(tokenizer, texts: list[str], block_size: int) -> torch.Tensor:
+    """Token ids truncated to `block_size` and right-padded with `<pad>`: (N, block_size)."""
+    ids = torch.full((len(texts), block_size), PAD_ID, dtype=torch.long)
+    for row, text in enumerate(texts):
+        tokens = tokenizer.encode(text)[:block_size]
+        ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    return ids
+
+
+def shuffled_batches(num_items: int, batch_size: int, generator: torch.Generator):
+    """Index tensors of one shuffled epoch (the last batch may be smaller)."""
+    order = torch.randperm(num_items, generator=generator)
+    return order.split(batch_size)
+
+
+def random_windows(data: torch.Tensor, block_size: int, batch_size: int, generator: torch.Generator):
+    """A batch of random (input, target) windows from a 1-D token stream: (B, T), (B, T)."""
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    offsets = torch.arange(block_size)
+    inputs = data[starts[:, None] + offsets]  # (B, T)
+    targets = data[starts[:, None] + offsets + 1]  # (B, T)
+    return inputs, targets
+
+
+def consecutive_windows(data: torch.Tensor, block_size: int):
+    """Non-overlapping (input, target) windows that predict every token after the first once.
+
+    Yields the full windows as one (N, T) batch, then the shorter remainder, if any, as (1, T').
+    """
+    num_targets = len(data) - 1
+    full = num_targets // block_size * block_size
+    if full:
+        yield data[:full].view(-1, block_size), data[1 : full + 1].view(-1, block_size)  # (N, T)
+    if full < num_targets:
+        yield data[full:-1].unsqueeze(0), data[full + 1 :].unsqueeze(0)  # (1, T')

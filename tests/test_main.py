@@ -1,0 +1,108 @@
+"""End to end through the command line, on a slice of the course data; bad input gives one line and exit 2."""
+
+import json
+
+import pytest
+
+import main
+
+FAST = ["--no-plots", "--seed", "1"]
+
+
+def run(capsys, *argv):
+    status = main.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def without_times(result):
+    return {k: v for k, v in result.items() if "seconds" not in k}
+
+
+def test_part_one_learns_and_reports(small_data, tmp_path, capsys):
+    status, out, _ = run(capsys, "--part", "one", "--data-dir", small_data, "--out", tmp_path, "--epochs", "4",
+                         "--extra-test", small_data / "test_CLS.tsv", *FAST)
+    assert status == 0, out
+    result = json.loads((tmp_path / "part_one.json").read_text())
+    losses = [row["train_loss"] for row in result["epochs"]]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert result["num_test_seen"] + result["num_test_unseen"] == 120
+    assert result["extra"]["test_CLS.tsv"] == result["test_accuracy"]
+    assert "attention sanity checks passed" in out
+
+
+def test_part_two_perplexity_falls(small_data, tmp_path, capsys):
+    status, out, _ = run(capsys, "--part", "two", "--data-dir", small_data, "--out", tmp_path,
+                         "--max-iters", "60", "--eval-interval", "30", *FAST)
+    assert status == 0, out
+    evals = json.loads((tmp_path / "part_two.json").read_text())["evals"]
+    assert [row["iteration"] for row in evals] == [30, 60]
+    assert evals[1]["train_perplexity"] < evals[0]["train_perplexity"]
+    assert set(evals[0]["perplexity"]) == {"obama", "wbush", "hbush"}
+
+
+def test_part_three_compares_absolute_and_alibi_with_plots(small_data, tmp_path, capsys):
+    status, out, _ = run(capsys, "--part", "three", "--data-dir", small_data, "--out", tmp_path,
+                         "--max-iters", "30", "--eval-interval", "30", "--epochs", "1")
+    assert status == 0, out
+    result = json.loads((tmp_path / "part_three.json").read_text())
+    assert set(result["lm"]) == set(result["classifier"]) == {"absolute", "alibi"}
+    assert result["lm"]["alibi"]["num_parameters"] < result["lm"]["absolute"]["num_parameters"]
+    assert (tmp_path / "part_three_perplexity.png").stat().st_size > 0
+    heatmaps = list((tmp_path / "attention").glob("part3_decoder_alibi_layer*_head*.png"))
+    assert len(heatmaps) == 4 * 2  # every layer and head
+
+
+def test_same_seed_gives_identical_numbers(small_data, tmp_path, capsys):
+    results = []
+    for attempt in range(2):
+        out_dir = tmp_path / str(attempt)
+        assert run(capsys, "--part", "one", "--data-dir", small_data, "--out", out_dir, "--epochs", "2", *FAST)[0] == 0
+        results.append(without_times(json.loads((out_dir / "part_one.json").read_text())))
+    assert results[0] == results[1]
+
+
+def break_file(data, name, text=None, raw=None):
+    path = data / name
+    if raw is not None:
+        path.write_bytes(raw)
+    elif text is None:
+        path.unlink()
+    else:
+        path.write_text(text, encoding="utf-8")
+
+
+@pytest.mark.parametrize("name,text,raw,message", [
+    ("train_CLS.tsv", None, None, "train_CLS.tsv: file not found (looked in --data-dir"),
+    ("train_CLS.tsv", "0\tfine\n1 no tab here\n", None, "train_CLS.tsv:2: expected 'label<TAB>segment'"),
+    ("test_CLS.tsv", "0\tfine\n7\tbad label\n", None, "test_CLS.tsv:2: label '7' is not 0, 1 or 2"),
+    ("train_LM.txt", "  \n", None, "train_LM.txt: file is empty"),
+    ("test_LM_obama.txt", None, b"caf\xe9 latte\n", "test_LM_obama.txt: not UTF-8 text"),
+])
+def test_bad_data_gives_one_line_and_status_2(copy_of_small_data, tmp_path, capsys, name, text, raw, message):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "part_one.json").write_text("{\"kept\": true}")
+    break_file(copy_of_small_data, name, text, raw)
+    status, _, err = run(capsys, "--part", "one", "--data-dir", copy_of_small_data, "--out", out_dir, *FAST)
+    assert status == 2
+    assert len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err
+    assert json.loads((out_dir / "part_one.json").read_text()) == {"kept": True}  # nothing lost
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--n-embd", "65"], "divisible by n_head"),
+    (["--n-layer", "0"], "n_layer must be positive"),
+    (["--batch-size", "-1"], "batch_size must be positive"),
+    (["--part", "four"], "invalid choice"),
+    (["--data-dir", "/nonexistent/speeches"], "data folder not found"),
+])
+def test_bad_options_give_one_line_and_status_2(small_data, tmp_path, capsys, argv, message):
+    argv = ["--part", "one", "--data-dir", str(small_data), "--out", str(tmp_path)] + argv
+    try:
+        status = main.main(argv)
+    except SystemExit as exit:  # argparse's own errors
+        status = exit.code
+    err = capsys.readouterr().err
+    assert status == 2
+    assert len(err.strip().splitlines()) == 1 and message in err

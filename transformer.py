@@ -1,0 +1,575 @@
+"""Transformer building blocks, from normalisation to generation, in reading order.
+
+norms -> positional schemes -> attention patterns -> attention -> feedforward -> blocks
+-> trunk -> encoder classifier / decoder language model.
+Every variant is a config option resolved once in `__init__` through a small name->class table.
+"""
+
+import math
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class TransformerConfig:
+    """Model options; the defaults are the course's base model (part one and part two)."""
+
+    vocab_size: int = 5755  # the handout's; main.py passes the vocabulary it builds
+    block_size: int = 32
+    n_embd: int = 64
+    n_head: int = 2
+    n_kv_heads: int | None = None  # None: one key/value head per query head (multi-head)
+    n_layer: int = 4
+    ff_hidden: int = 100
+    feedforward: str = "relu"  # relu | gelu | swiglu
+    norm: str = "layer"  # layer | rms
+    norm_placement: str = "pre"  # pre | post
+    position: str = "learned"  # learned | sinusoidal | rope | alibi | none | disentangled
+    attention_pattern: str = "full"  # full | local | block
+    window: int = 8  # tokens in a local window, or in one block of the blockwise pattern
+    relative_clip: int = 8  # k of the disentangled (DeBERTa) relative positions
+    pooling: str = "mean"  # mean | cls (classifier only)
+    classifier_hidden: int = 100
+    n_classes: int = 3
+    tie_embeddings: bool = False  # decoder only
+    dropout: float = 0.0
+    label_smoothing: float = 0.0
+    init_std: float | None = None  # None keeps PyTorch's default initialisation, as the course does
+    pad_id: int = 0
+
+    def validate(self) -> "TransformerConfig":
+        """Raise ValueError with a one-line reason if the options cannot build a model."""
+        for name in ("vocab_size", "block_size", "n_embd", "n_head", "n_layer", "ff_hidden", "window",
+                     "relative_clip", "classifier_hidden", "n_classes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_head % self.n_kv_heads):
+            raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_head ({self.n_head})")
+        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError("rope needs an even head size (n_embd / n_head)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        tables = {"feedforward": FEEDFORWARDS, "norm": NORMS, "norm_placement": BLOCKS,
+                  "position": POSITIONS, "attention_pattern": PATTERNS, "pooling": POOLINGS}
+        for name, table in tables.items():
+            if getattr(self, name) not in table:
+                raise ValueError(f"{name} must be one of {', '.join(table)}, got {getattr(self, name)!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- normalisation
+
+
+class LayerNorm(nn.Module):
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last dimension (Ba et al., 2016)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        centred = x - x.mean(-1, keepdim=True)
+        # the biased variance, written out: Tensor.var is several times slower on small CPU tensors
+        variance = centred.pow(2).mean(-1, keepdim=True)
+        return centred * torch.rsqrt(variance + self.eps) * self.weight + self.bias
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight: LayerNorm without centring or bias (Zhang & Sennrich, 2019)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+NORMS = {"layer": LayerNorm, "rms": RMSNorm}
+
+
+# ---------------------------------------------------------------- positional schemes
+# A scheme may add to the token embeddings (`embed`), rotate queries and keys (`rotate`),
+# or add a bias to the attention scores (`score_bias`); the base class does none of these.
+# Positions are absolute indices starting at `start`, so cached decoding sees the right ones.
+
+
+def grow(module: nn.Module, name: str, length: int, build) -> torch.Tensor:
+    """Return buffer `name` with at least `length` rows, rebuilding it longer when needed."""
+    table = getattr(module, name)
+    if table.shape[0] < length:
+        table = build(max(length, 2 * table.shape[0])).to(table.device, table.dtype)
+        setattr(module, name, table)
+    return table
+
+
+class NoPositions(nn.Module):
+    """No position information: attention alone is order-blind (only the causal mask orders a decoder)."""
+
+    def __init__(self, config: TransformerConfig, max_len: int):
+        super().__init__()
+
+    def embed(self, x, start: int):
+        return x
+
+    def rotate(self, x, start: int):
+        return x
+
+    def score_bias(self, q, k, start: int):
+        return 0.0
+
+
+class LearnedPositions(NoPositions):
+    """A trained vector per absolute position, added to the token embeddings (GPT, BERT)."""
+
+    def __init__(self, config, max_len):
+        super().__init__(config, max_len)
+        self.embedding = nn.Embedding(max_len, config.n_embd)
+
+    def embed(self, x, start):
+        T = x.shape[1]
+        if start + T > self.embedding.num_embeddings:
+            raise ValueError(f"learned positions stop at {self.embedding.num_embeddings} tokens, asked for {start + T}")
+        return x + self.embedding(torch.arange(start, start + T, device=x.device))
+
+
+def sinusoid_table(length: int, dim: int) -> torch.Tensor:
+    """sin/cos of position * 10000^(-2i/dim) (Vaswani et al., 2017): (length, dim)."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    frequency = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency[: dim // 2])
+    return table
+
+
+class SinusoidalPositions(NoPositions):
+    """Fixed sinusoids added to the token embeddings; defined for any length."""
+
+    def __init__(self, config, max_len):
+        super().__init__(config, max_len)
+        self.dim = config.n_embd
+        self.register_buffer("table", sinusoid_table(max_len, self.dim), persistent=False)
+
+    def embed(self, x, start):
+        table = grow(self, "table", start + x.shape[1], lambda n: sinusoid_table(n, self.dim))
+        return x + table[start : start + x.shape[1]]
+
+
+def rope_tables(length: int, head_size: int, base: float = 10000.0):
+    """cos and sin of position * base^(-2i/head_size), each (length, head_size / 2)."""
+    frequency = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+    angles = torch.arange(length, dtype=torch.float32)[:, None] * frequency  # (length, hs/2)
+    return torch.stack([angles.cos(), angles.sin()])  # (2, length, hs/2)
+
+
+class RotaryPositions(NoPositions):
+    """RoPE (Su et al., 2021): rotate each (even, odd) pair of q and k by a position-dependent angle,
+    so q_i . k_j depends on i - j only."""
+
+    def __init__(self, config, max_len):
+        super().__init__(config, max_len)
+        self.head_size = config.n_embd // config.n_head
+        self.register_buffer("cos_sin", rope_tables(max_len, self.head_size).transpose(0, 1), persistent=False)
+
+    def rotate(self, x, start):  # x: (B, H, T, hs)
+        T = x.shape[2]
+        table = grow(self, "cos_sin", start + T, lambda n: rope_tables(n, self.head_size).transpose(0, 1))
+        cos, sin = table[start : start + T].unbind(1)  # (T, hs/2) each
+        even, odd = x[..., 0::2], x[..., 1::2]  # (B, H, T, hs/2)
+        rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)  # (B, H, T, hs/2, 2)
+        return rotated.flatten(-2)  # (B, H, T, hs)
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """Head slopes 2^(-8/n), 2^(-16/n), ... (Press et al., 2022); for n not a power of two,
+    the slopes of the nearest lower power of two, then every other slope of the next one."""
+    def powers(n):
+        return [2 ** (-8 * (i + 1) / n) for i in range(n)]
+    lower = 2 ** math.floor(math.log2(n_head))
+    slopes = powers(lower) + powers(2 * lower)[0::2][: n_head - lower]
+    return torch.tensor(slopes)
+
+
+def distance_table(length: int) -> torch.Tensor:
+    """|i - j| for query i and key j: (length, length)."""
+    index = torch.arange(length)
+    return (index[:, None] - index[None, :]).abs().float()
+
+
+class AlibiPositions(NoPositions):
+    """ALiBi: no position embeddings; each head adds -slope * |i - j| to its scores.
+    In a decoder the causal mask leaves only j <= i, the paper's -slope * (i - j); in the
+    encoder the same symmetric distance penalises both directions."""
+
+    def __init__(self, config, max_len):
+        super().__init__(config, max_len)
+        self.register_buffer("slopes", alibi_slopes(config.n_head)[:, None, None], persistent=False)  # (H, 1, 1)
+        self.register_buffer("distance", distance_table(max_len), persistent=False)
+
+    def score_bias(self, q, k, start):
+        T_q, T_k = q.shape[2], k.shape[2]
+        distance = grow(self, "distance", T_k, distance_table)[start : start + T_q, :T_k]  # (Tq, Tk)
+        return -self.slopes * distance  # (H, Tq, Tk)
+
+
+def relative_index(start: int, T_q: int, T_k: int, clip: int, device) -> torch.Tensor:
+    """clip(i - j, -clip, clip) + clip for query positions start.. and key positions 0..: (Tq, Tk)."""
+    i = torch.arange(start, start + T_q, device=device)[:, None]
+    j = torch.arange(T_k, device=device)[None, :]
+    return (i - j).clamp(-clip, clip) + clip
+
+
+class DisentangledPositions(NoPositions):
+    """DeBERTa-style (He et al., 2021) relative positions: content-to-position q_i . P_k[d(i,j)] and
+    position-to-content k_j . P_q[d(j,i)] terms, with d clipped at +-k; no absolute embeddings.
+    The relative tables are shared by all layers, as in DeBERTa, and live directly in head space."""
+
+    def __init__(self, config, max_len):
+        super().__init__(config, max_len)
+        self.clip, self.n_head = config.relative_clip, config.n_head
+        self.head_size = config.n_embd // config.n_head
+        self.key_table = nn.Parameter(torch.randn(2 * self.clip + 1, config.n_embd) * 0.02)
+        self.query_table = nn.Parameter(torch.randn(2 * self.clip + 1, config.n_embd) * 0.02)
+
+    def _heads(self, table):  # (2k+1, C) -> (H, 2k+1, hs)
+        return table.view(-1, self.n_head, self.head_size).transpose(0, 1)
+
+    def score_bias(self, q, k, start):
+        B, H, T_q, _ = q.shape
+        T_k = k.shape[2]
+        index = relative_index(start, T_q, T_k, self.clip, q.device)  # (Tq, Tk)
+        content_to_position = q @ self._heads(self.key_table).transpose(-2, -1)  # (B, H, Tq, 2k+1)
+        content_to_position = content_to_position.gather(-1, index.expand(B, H, T_q, T_k))  # (B, H, Tq, Tk)
+        position_to_content = k @ self._heads(self.query_table).transpose(-2, -1)  # (B, H, Tk, 2k+1)
+        # d(j, i) = 2k - d(i, j): the same clipped offset seen from the key's side
+        reverse = (2 * self.clip - index).transpose(0, 1)  # (Tk, Tq)
+        position_to_content = position_to_content.gather(-1, reverse.expand(B, H, T_k, T_q)).transpose(-2, -1)
+        return (content_to_position + position_to_content) / math.sqrt(self.head_size)  # (B, H, Tq, Tk)
+
+
+POSITIONS = {
+    "learned": LearnedPositions,
+    "sinusoidal": SinusoidalPositions,
+    "rope": RotaryPositions,
+    "alibi": AlibiPositions,
+    "none": NoPositions,
+    "disentangled": DisentangledPositions,
+}
+
+
+# ---------------------------------------------------------------- attention patterns
+# Which key j a query i may see, as a function of positions: full, a local window of w tokens
+# (Longformer-style), or fixed blocks of w tokens (a decoder also sees the previous block).
+
+
+def full_pattern(i, j, w, causal):
+    return torch.ones_like(i - j, dtype=torch.bool)
+
+
+def local_pattern(i, j, w, causal):
+    return (i - j).abs() < w
+
+
+def block_pattern(i, j, w, causal):
+    same_block = i // w == j // w
+    return same_block | (j // w == i // w - 1) if causal else same_block
+
+
+PATTERNS = {"full": full_pattern, "local": local_pattern, "block": block_pattern}
+
+
+class AttentionMask(nn.Module):
+    """The pattern (and, for a decoder, causal) mask as a buffer: True where attention is allowed."""
+
+    def __init__(self, pattern: str, window: int, causal: bool, max_len: int):
+        super().__init__()
+        self.pattern, self.window, self.causal = PATTERNS[pattern], window, causal
+        self.register_buffer("allowed", self.build(max_len), persistent=False)
+
+    def build(self, length: int) -> torch.Tensor:
+        index = torch.arange(length)
+        i, j = index[:, None], index[None, :]
+        allowed = self.pattern(i, j, self.window, self.causal)
+        return allowed & (j <= i) if self.causal else allowed  # (length, length)
+
+    def forward(self, start: int, T_q: int, T_k: int) -> torch.Tensor:
+        return grow(self, "allowed", T_k, self.build)[start : start + T_q, :T_k]  # (Tq, Tk)
+
+
+# ---------------------------------------------------------------- attention
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, for one layer of incremental decoding."""
+
+    def __init__(self):
+        self.keys = self.values = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def append(self, keys, values):
+        """Add this step's (B, H_kv, T, hs) keys and values; return all of them."""
+        if self.keys is not None:
+            keys, values = torch.cat([self.keys, keys], dim=2), torch.cat([self.values, values], dim=2)
+        self.keys, self.values = keys, values
+        return keys, values
+
+
+def repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
+    """(B, Hkv, T, hs) -> (B, Hkv * group, T, hs): each key/value head serves `group` query heads."""
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; with n_kv_heads < n_head, grouped-query attention
+    (Ainslie et al., 2023), each key/value head shared by n_head / n_kv_heads query heads."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_kv_heads = config.n_kv_heads or config.n_head
+        self.head_size = config.n_embd // config.n_head
+        # queries, keys and values from one matrix: one matmul instead of three
+        self.qkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_heads) * self.head_size)
+        self.proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, mask, positions, start=0, cache=None, return_attention=False):
+        B, T, C = x.shape
+        qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv_heads, self.head_size).transpose(1, 2)  # (B, H+2Hkv, T, hs)
+        q, k, v = qkv.split([self.n_head, self.n_kv_heads, self.n_kv_heads], dim=1)  # (B, H, T, hs), (B, Hkv, T, hs) x2
+        q, k = positions.rotate(q, start), positions.rotate(k, start)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, Hkv, Tk, hs)
+        k, v = repeat_kv(k, self.n_head // self.n_kv_heads), repeat_kv(v, self.n_head // self.n_kv_heads)  # (B, H, Tk, hs)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_size)  # (B, H, T, Tk)
+        scores = scores + positions.score_bias(q, k, start)
+        # a finite fill keeps a row with no allowed key (a padding query in a local window) from NaN
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        attention = scores.softmax(dim=-1)  # (B, H, T, Tk)
+        y = self.attn_dropout(attention) @ v  # (B, H, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.proj(y), (attention if return_attention else None)
+
+
+# ---------------------------------------------------------------- feedforward
+
+
+class MLP(nn.Module):
+    """Linear -> activation -> linear, applied to each position."""
+
+    def __init__(self, n_embd: int, hidden: int, activation=nn.ReLU):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(n_embd, hidden), activation(), nn.Linear(hidden, n_embd))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class SwiGLU(nn.Module):
+    """silu(x W) * (x V) then W2 (Shazeer, 2020). Three matrices instead of two, so the hidden
+    size is 2/3 of the ReLU one, which keeps the parameter count within about 1%."""
+
+    def __init__(self, n_embd: int, hidden: int):
+        super().__init__()
+        hidden = round(2 * hidden / 3)
+        self.gate_up = nn.Linear(n_embd, 2 * hidden)
+        self.down = nn.Linear(hidden, n_embd)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+FEEDFORWARDS = {"relu": MLP, "gelu": partial(MLP, activation=nn.GELU), "swiglu": SwiGLU}
+
+
+# ---------------------------------------------------------------- blocks
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + ff(norm(x)) (GPT-2 and later)."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.norm1 = NORMS[config.norm](config.n_embd)
+        self.attention = Attention(config)
+        self.norm2 = NORMS[config.norm](config.n_embd)
+        self.feedforward = FEEDFORWARDS[config.feedforward](config.n_embd, config.ff_hidden)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, mask, positions, start=0, cache=None, return_attention=False):
+        y, attention = self.attention(self.norm1(x), mask, positions, start, cache, return_attention)
+        x = x + self.dropout(y)
+        x = x + self.dropout(self.feedforward(self.norm2(x)))
+        return x, attention
+
+
+class PostNormBlock(Block):
+    """Post-norm residual block: norm(x + attn(x)), then norm(x + ff(x)) (the original Transformer)."""
+
+    def forward(self, x, mask, positions, start=0, cache=None, return_attention=False):
+        y, attention = self.attention(x, mask, positions, start, cache, return_attention)
+        x = self.norm1(x + self.dropout(y))
+        x = self.norm2(x + self.dropout(self.feedforward(x)))
+        return x, attention
+
+
+BLOCKS = {"pre": Block, "post": PostNormBlock}
+
+
+# ---------------------------------------------------------------- the shared trunk
+
+
+class Trunk(nn.Module):
+    """Token embedding, positions, the stack of blocks and the final norm, shared by encoder and decoder."""
+
+    def __init__(self, config: TransformerConfig, causal: bool, max_len: int):
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
+        self.positions = POSITIONS[config.position](config, max_len)
+        self.mask = AttentionMask(config.attention_pattern, config.window, causal, max_len)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(BLOCKS[config.norm_placement](config) for _ in range(config.n_layer))
+        # a post-norm stack already ends in a norm
+        self.final_norm = NORMS[config.norm](config.n_embd) if config.norm_placement == "pre" else nn.Identity()
+
+    def forward(self, x, key_mask=None, caches=None, return_attention=False):
+        """x: (B, T, C) embeddings; key_mask: (B, Tk) True for real tokens. Returns (B, T, C) and maps."""
+        T = x.shape[1]
+        start = caches[0].length if caches else 0
+        mask = self.mask(start, T, start + T)[None, None]  # (1, 1, T, Tk)
+        if key_mask is not None:
+            mask = mask & key_mask[:, None, None, :]  # (B, 1, T, Tk)
+        x = self.dropout(self.positions.embed(x, start))
+        attentions = []
+        for layer, block in enumerate(self.blocks):
+            x, attention = block(x, mask, self.positions, start, caches[layer] if caches else None, return_attention)
+            attentions.append(attention)
+        return self.final_norm(x), (attentions if return_attention else None)
+
+
+def initialise(module: nn.Module, std: float):
+    """Normal(0, std) weights and zero biases for linear and embedding layers (GPT-2's scheme)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, 0.0, std)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+class Output(NamedTuple):
+    logits: torch.Tensor
+    loss: torch.Tensor | None
+    attentions: list | None  # per layer (B, H, T, Tk) when asked for
+
+
+# ---------------------------------------------------------------- encoder + classifier
+
+
+class MeanPooling(nn.Module):
+    """Mean of the hidden states of the real (non-padding) tokens."""
+
+    def __init__(self, config):
+        super().__init__()
+
+    def prepend(self, x, key_mask):
+        return x, key_mask
+
+    def forward(self, h, key_mask):
+        weights = key_mask.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
+        return (h * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, C)
+
+
+class ClsPooling(MeanPooling):
+    """A learned [CLS] vector is put before the tokens; its final hidden state is the summary (BERT)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.cls = nn.Parameter(torch.randn(1, 1, config.n_embd) * 0.02)
+
+    def prepend(self, x, key_mask):
+        B = x.shape[0]
+        x = torch.cat([self.cls.expand(B, -1, -1), x], dim=1)  # (B, 1 + T, C)
+        return x, torch.cat([key_mask.new_ones(B, 1), key_mask], dim=1)  # (B, 1 + T)
+
+    def forward(self, h, key_mask):
+        return h[:, 0]  # (B, C)
+
+
+POOLINGS = {"mean": MeanPooling, "cls": ClsPooling}
+
+
+class TransformerClassifier(nn.Module):
+    """Transformer encoder, pooled, then a one-hidden-layer feedforward classifier (part one)."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config.validate()
+        self.pooling = POOLINGS[config.pooling](config)
+        extra = 1 if config.pooling == "cls" else 0
+        self.encoder = Trunk(config, causal=False, max_len=config.block_size + extra)
+        self.head = nn.Sequential(
+            nn.Linear(config.n_embd, config.classifier_hidden), nn.ReLU(), nn.Linear(config.classifier_hidden, config.n_classes)
+        )
+        if config.init_std is not None:
+            self.apply(partial(initialise, std=config.init_std))
+
+    def forward(self, idx, targets=None, return_attention=False) -> Output:
+        """idx: (B, T) token ids, padded with pad_id; targets: (B,) class labels."""
+        key_mask = idx != self.config.pad_id  # (B, T)
+        x, key_mask = self.pooling.prepend(self.encoder.token_embedding(idx), key_mask)
+        h, attentions = self.encoder(x, key_mask, return_attention=return_attention)
+        logits = self.head(self.pooling(h, key_mask))  # (B, n_classes)
+        loss = None if targets is None else F.cross_entropy(logits, targets, label_smoothing=self.config.label_smoothing)
+        return Output(logits, loss, attentions)
+
+
+# ---------------------------------------------------------------- decoder language model
+
+
+class TransformerLM(nn.Module):
+    """GPT-like decoder: causal trunk and a linear head over the vocabulary (part two)."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config.validate()
+        self.decoder = Trunk(config, causal=True, max_len=config.block_size)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
+        if config.init_std is not None:
+            self.apply(partial(initialise, std=config.init_std))
+        if config.tie_embeddings:  # the output matrix is the input embedding (Press & Wolf, 2017)
+            self.lm_head.weight = self.decoder.token_embedding.weight
+
+    def forward(self, idx, targets=None, caches=None, return_attention=False) -> Output:
+        """idx, targets: (B, T) token ids. Returns (B, T, V) logits and the mean cross-entropy."""
+        h, attentions = self.decoder(self.decoder.token_embedding(idx), caches=caches, return_attention=return_attention)
+        logits = self.lm_head(h)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), label_smoothing=self.config.label_smoothing)
+        return Output(logits, loss, attentions)
+
+    def new_caches(self) -> list[KVCache]:
+        """One empty KV cache per layer, for incremental decoding."""
+        return [KVCache() for _ in self.decoder.blocks]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters (a tied matrix counts once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
