@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import experiments
 import utilities
 from dataset import (
     DataError,
@@ -217,7 +218,7 @@ def train_language_model(run: Run, config: TransformerConfig, training: Training
 # ---------------------------------------------------------------- attention sanity checks
 
 
-def attention_check(run: Run, model, text: str, causal: bool, prefix: str) -> list[str]:
+def attention_check(run: Run, model, text: str, causal: bool, prefix: str, save: bool = True) -> list[str]:
     """Run one sentence through the model, check every attention map, save the heatmaps."""
     block_size = model.config.block_size
     ids = run.tokenizer.encode(text)[:block_size]
@@ -234,7 +235,7 @@ def attention_check(run: Run, model, text: str, causal: bool, prefix: str) -> li
         key_mask = torch.cat([torch.ones(1, 1, dtype=torch.bool), key_mask], dim=1)
         tokens = ["[CLS]"] + tokens
     failures = utilities.check_attention([a.cpu() for a in attentions], causal, key_mask)
-    if not run.args.no_plots:
+    if save and not run.args.no_plots:
         utilities.save_attention_heatmaps(attentions, tokens, run.out / "attention", prefix)
     return [f"{prefix}: {failure}" for failure in failures]
 
@@ -333,7 +334,26 @@ def part_three(run: Run) -> tuple[dict, list[str]]:
     print_part_three_table(result)
     if not run.args.no_plots:
         plot_perplexities(run, result["lm"], run.out / "part_three_perplexity.png", "Part three: absolute vs ALiBi")
+    if run.args.explore:
+        result["exploration"], explore_failures = part_three_exploration(run)
+        failures += explore_failures
     return result, failures
+
+
+def part_three_exploration(run: Run) -> tuple[dict, list[str]]:
+    """Every variant against the base model, on both tasks, mean and spread over --seeds seeds."""
+    args = run.args
+    variants = args.variants.split(",") if args.variants else list(experiments.VARIANTS)
+    print("\n== exploration")
+    results, failures = experiments.explore(args, variants, args.seeds, experiments.worker_count(args.workers))
+    tables = experiments.exploration_tables(results)
+    for name, table in tables.items():
+        print(f"\n{name}\n{table}")
+        utilities.write_text(run.out / f"explore_{name}.md", table + "\n")
+    if not args.no_plots:
+        experiments.plot_exploration(results, run.out)
+    print(f"\nexploration took {results['seconds']:.0f} s")
+    return results, failures
 
 
 def print_part_three_table(result: dict):
@@ -368,6 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--extra-test", action="append", default=[], metavar="PATH",
                         help="another labelled TSV (part one) or text file (parts two, three) to evaluate on")
     parser.add_argument("--no-plots", action="store_true", help="skip PNG figures and heatmaps")
+    explore = parser.add_argument_group("part three exploration")
+    explore.add_argument("--explore", action="store_true", help="also compare every architecture variant")
+    explore.add_argument("--variants", help=f"comma-separated subset of: {', '.join(experiments.VARIANTS)}")
+    explore.add_argument("--seeds", type=int, default=3, help="seeds per variant (from --seed on)")
+    explore.add_argument("--workers", type=int, help="worker processes (default: one per core, at most 2)")
     sizes = parser.add_argument_group("model")
     for name in ("block_size", "n_embd", "n_head", "n_layer", "ff_hidden"):
         sizes.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(base, name))
@@ -391,13 +416,21 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def make_run(args) -> Run:
+    """Read the data and build the vocabulary once for a whole command."""
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be positive, got {args.seeds}")
+    device = resolve_device(args.device)
+    data = load_speeches(args.data_dir)
+    tokenizer = WordTokenizer.from_texts(data.vocabulary_texts())
+    return Run(args, data, tokenizer, device, args.out)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        device = resolve_device(args.device)
-        data = load_speeches(args.data_dir)
-        tokenizer = WordTokenizer.from_texts(data.vocabulary_texts())
-        run = Run(args, data, tokenizer, device, args.out)
+        run = make_run(args)
+        data = run.data
         started = time.perf_counter()
         result, failures = PARTS[args.part](run)
         result["seconds"] = time.perf_counter() - started

@@ -106,3 +106,23 @@ def test_bad_options_give_one_line_and_status_2(small_data, tmp_path, capsys, ar
     err = capsys.readouterr().err
     assert status == 2
     assert len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_explore_reports_each_variant_table_and_json(small_data, tmp_path, capsys):
+    status, out, _ = run(capsys, "--part", "three", "--data-dir", small_data, "--out", tmp_path, "--explore",
+                         "--variants", "base,alibi,local-window", "--seeds", "2", "--epochs", "1",
+                         "--max-iters", "10", "--eval-interval", "10")
+    assert status == 0, out
+    exploration = json.loads((tmp_path / "part_three.json").read_text())["exploration"]
+    assert set(exploration["classifier"]) == set(exploration["lm"]) == {"base", "alibi", "local-window"}
+    assert len(exploration["classifier"]["alibi"]["test_accuracy"]["values"]) == 2
+    assert set(exploration["lm"]["alibi"]["extrapolation"]) == {"32", "64", "128"}
+    assert exploration["attention_density"]["local-window"]["lm"] < 1.0
+    for name in ("explore_classifier.md", "explore_lm.md", "explore_extrapolation.png", "explore_classifier.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_explore_rejects_unknown_variants(small_data, tmp_path, capsys):
+    status, _, err = run(capsys, "--part", "three", "--data-dir", small_data, "--out", tmp_path, "--explore",
+                         "--variants", "base,bogus", "--epochs", "1", "--max-iters", "10", "--eval-interval", "10")
+    assert status == 2 and "unknown variant(s) bogus" in err

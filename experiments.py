@@ -1,0 +1,194 @@
+"""Part three's exploration: every variant one switch away from the base model, measured side by side.
+
+Kept apart from main.py, which stays the thin shell; each run here goes through main.py's shared
+train/evaluate functions, so a variant differs from the base model only in its config.
+"""
+
+import multiprocessing
+import os
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+import utilities
+from transformer import AttentionMask, TransformerConfig
+
+# name -> (config changes from the base model, tasks it applies to). One change per row.
+VARIANTS = {
+    "base": ({}, ("classifier", "lm")),
+    "sinusoidal": ({"position": "sinusoidal"}, ("classifier", "lm")),
+    "rope": ({"position": "rope"}, ("classifier", "lm")),
+    "alibi": ({"position": "alibi"}, ("classifier", "lm")),
+    "no-position": ({"position": "none"}, ("classifier", "lm")),
+    "disentangled": ({"position": "disentangled"}, ("classifier", "lm")),
+    "rmsnorm": ({"norm": "rms"}, ("classifier", "lm")),
+    "post-norm": ({"norm_placement": "post"}, ("classifier", "lm")),
+    "gelu": ({"feedforward": "gelu"}, ("classifier", "lm")),
+    "swiglu": ({"feedforward": "swiglu"}, ("classifier", "lm")),
+    "multi-query": ({"n_kv_heads": 1}, ("classifier", "lm")),
+    "local-window": ({"attention_pattern": "local"}, ("classifier", "lm")),
+    "blockwise": ({"attention_pattern": "block"}, ("classifier", "lm")),
+    "cls-pooling": ({"pooling": "cls"}, ("classifier",)),
+    "tied-embeddings": ({"tie_embeddings": True}, ("lm",)),
+}
+EXTRAPOLATION_LENGTHS = (32, 64, 128)
+EXTRAPOLATING = ("sinusoidal", "rope", "alibi", "no-position", "disentangled")  # learned positions stop at 32
+HEATMAP_VARIANTS = ("base", "local-window", "blockwise")  # the three attention patterns, to see the masks
+PATTERN_ROWS = HEATMAP_VARIANTS  # rows that report the fraction of attention scores computed
+
+
+def mask_density(pattern: str, window: int, causal: bool, block_size: int) -> float:
+    """Fraction of the attention scores a pattern computes, relative to full (causal) attention."""
+    allowed = AttentionMask(pattern, window, causal, block_size).allowed
+    full = AttentionMask("full", window, causal, block_size).allowed
+    return allowed.sum().item() / full.sum().item()
+
+
+# ---------------------------------------------------------------- worker processes
+
+_WORKER = {}
+
+
+def _init_worker(args):
+    """Each worker reads the data once and trains on one thread, so two workers fill two cores."""
+    import main  # main.py imports this module; importing it back here, inside the worker, avoids a cycle
+
+    torch.set_num_threads(1)
+    _WORKER["run"] = main.make_run(args)
+    _WORKER["main"] = main
+
+
+def _train_one(task: str, variant: str, seed: int, heatmap: bool) -> tuple[str, str, int, dict]:
+    """Train one (task, variant, seed); return its report, with length extrapolation for decoders."""
+    main, run = _WORKER["main"], _WORKER["run"]
+    prefix = f"explore_{'encoder' if task == 'classifier' else 'decoder'}_{variant}"
+    config = main.model_config(run, **VARIANTS[variant][0])
+    training = main.training_config(run)
+    quiet = lambda *a, **k: None  # noqa: E731
+    if task == "classifier":
+        model, report = main.train_classifier(run, config, training, seed, log=quiet)
+        report = {key: report[key] for key in ("num_parameters", "test_accuracy", "test_accuracy_unseen", "train_seconds")}
+        report["attention_failures"] = main.attention_check(run, model, run.data.test_cls.texts[0], False, prefix, heatmap)
+    else:
+        # evaluate once at the end: the exploration compares final perplexities
+        model, report = main.train_language_model(run, config, replace(training, eval_interval=training.max_iters),
+                                                  seed, log=quiet)
+        final = report["evals"][-1]
+        report = {"num_parameters": report["num_parameters"], "train_seconds": report["train_seconds"],
+                  "train_perplexity": final["train_perplexity"], "perplexity": final["perplexity"],
+                  "attention_failures": main.attention_check(run, model, run.data.test_lm["obama"], True, prefix, heatmap)}
+        if variant in EXTRAPOLATING:
+            report["extrapolation"] = {
+                length: {name: main.perplexity(model, main.encode_stream(run, text), length, run.device)
+                         for name, text in run.data.test_lm.items()} for length in EXTRAPOLATION_LENGTHS}
+    return task, variant, seed, report
+
+
+# ---------------------------------------------------------------- summarising
+
+
+def _spread(values: list[float]) -> dict:
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+def summarise(task: str, runs: list[dict]) -> dict:
+    """Mean and spread over seeds of one variant's runs."""
+    summary = {"num_parameters": runs[0]["num_parameters"],
+               "train_seconds": _spread([r["train_seconds"] for r in runs])}
+    if task == "classifier":
+        for key in ("test_accuracy", "test_accuracy_unseen"):
+            summary[key] = _spread([r[key] for r in runs])
+        return summary
+    summary["train_perplexity"] = _spread([r["train_perplexity"] for r in runs])
+    summary["perplexity"] = {name: _spread([r["perplexity"][name] for r in runs]) for name in runs[0]["perplexity"]}
+    if "extrapolation" in runs[0]:
+        summary["extrapolation"] = {length: {name: _spread([r["extrapolation"][length][name] for r in runs])
+                                             for name in runs[0]["extrapolation"][length]}
+                                    for length in runs[0]["extrapolation"]}
+    return summary
+
+
+def _cell(spread: dict) -> str:
+    return f"{spread['mean']:.2f} ± {spread['std']:.2f}"
+
+
+def exploration_tables(results: dict) -> dict[str, str]:
+    """Markdown tables: one per task, plus length extrapolation."""
+    tables, densities = {}, results["attention_density"]
+    rows = [[name, r["num_parameters"], f"{r['train_seconds']['mean']:.1f}", _cell(r["test_accuracy"]),
+             _cell(r["test_accuracy_unseen"]), f"{densities[name]['classifier']:.0%}" if name in densities else ""]
+            for name, r in results["classifier"].items()]
+    tables["classifier"] = utilities.markdown_table(
+        ["variant", "parameters", "train s", "test acc %", "unseen acc %", "scores computed"], rows)
+    rows = [[name, r["num_parameters"], f"{r['train_seconds']['mean']:.1f}", _cell(r["train_perplexity"]),
+             *(_cell(r["perplexity"][n]) for n in ("obama", "wbush", "hbush")),
+             f"{densities[name]['lm']:.0%}" if name in densities else ""]
+            for name, r in results["lm"].items()]
+    tables["lm"] = utilities.markdown_table(
+        ["variant", "parameters", "train s", "train ppl", "obama", "wbush", "hbush", "scores computed"], rows)
+    rows = [[name] + [_cell(r["extrapolation"][length]["obama"]) if "extrapolation" in r else "n/a"
+                      for length in EXTRAPOLATION_LENGTHS]
+            for name, r in results["lm"].items() if name == "base" or "extrapolation" in r]
+    tables["extrapolation"] = utilities.markdown_table(
+        ["decoder (trained on 32)"] + [f"obama ppl @ {n}" for n in EXTRAPOLATION_LENGTHS], rows)
+    return tables
+
+
+def plot_exploration(results: dict, out: Path):
+    """A bar plot per task and a line plot of perplexity against evaluation length."""
+    classifier = results["classifier"]
+    utilities.plot_bars({n: r["test_accuracy"]["mean"] for n, r in classifier.items()},
+                        {n: r["test_accuracy"]["std"] for n, r in classifier.items()},
+                        "test accuracy (%), mean ± std over seeds", "Exploration: classifier", out / "explore_classifier.png")
+    lm = results["lm"]
+    mean_ppl = {n: statistics.mean(p["mean"] for p in r["perplexity"].values()) for n, r in lm.items()}
+    utilities.plot_bars(mean_ppl, None, "mean test perplexity over the three files (lower is better)",
+                        "Exploration: decoder", out / "explore_lm.png")
+    series = {n: (list(EXTRAPOLATION_LENGTHS), [statistics.mean(v["mean"] for v in r["extrapolation"][k].values())
+                                                for k in EXTRAPOLATION_LENGTHS])
+              for n, r in lm.items() if "extrapolation" in r}
+    utilities.plot_curves(series, "evaluation context (tokens); trained on 32", "mean test perplexity",
+                          "Length extrapolation", out / "explore_extrapolation.png", log_y=True)
+
+
+# ---------------------------------------------------------------- the exploration
+
+
+def explore(args, variants: list[str], seeds: int, workers: int, log=print) -> tuple[dict, list[str]]:
+    """Train every (task, variant, seed) in worker processes; return per-variant summaries and check failures."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    jobs = [(task, variant, args.seed + offset, offset == 0 and variant in HEATMAP_VARIANTS and not args.no_plots)
+            for variant in variants for task in VARIANTS[variant][1] for offset in range(seeds)]
+    log(f"exploration: {len(jobs)} training runs ({len(variants)} variants x {seeds} seeds) on {workers} workers")
+    started = time.perf_counter()
+    runs, failures = {"classifier": {}, "lm": {}}, []
+    # spawn, not fork: forking a process that already runs torch's thread pool can deadlock
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(args,)) as pool:
+        for task, variant, seed, report in pool.map(_train_one, *zip(*jobs)):
+            failures += [f"seed {seed}: {failure}" for failure in report.pop("attention_failures")]
+            runs[task].setdefault(variant, []).append(report)
+            log(f"  {task:10s} {variant:16s} seed {seed}: " + (
+                f"test acc {report['test_accuracy']:.2f}%" if task == "classifier"
+                else "ppl " + " / ".join(f"{v:.1f}" for v in report["perplexity"].values())))
+    results = {task: {variant: summarise(task, r) for variant, r in by_variant.items()}
+               for task, by_variant in runs.items()}
+    window = TransformerConfig().window
+    results["attention_density"] = {
+        v: {task: mask_density(VARIANTS[v][0].get("attention_pattern", "full"), window, task == "lm", args.block_size)
+            for task in ("classifier", "lm")} for v in variants if v in PATTERN_ROWS}
+    results["seconds"] = time.perf_counter() - started
+    results["seeds"] = seeds
+    return results, failures
+
+
+def worker_count(requested: int | None) -> int:
+    """Worker processes: one per core by default."""
+    return requested or max(1, min(2, os.cpu_count() or 1))

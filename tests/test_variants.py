@@ -1,0 +1,149 @@
+"""Architecture variants (part three exploration) against independent references."""
+
+import pytest
+import torch
+
+from experiments import VARIANTS, mask_density
+from transformer import (
+    Attention,
+    AttentionMask,
+    NoPositions,
+    RotaryPositions,
+    TransformerClassifier,
+    TransformerConfig,
+    TransformerLM,
+    count_parameters,
+)
+
+V = 40
+
+
+def small(**changes) -> TransformerConfig:
+    return TransformerConfig(vocab_size=V, block_size=16, n_embd=16, n_head=4, n_layer=2, ff_hidden=24,
+                             window=4, **changes)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_variant_trains_forward_and_backward_on_both_tasks(variant):
+    changes, tasks = VARIANTS[variant]
+    torch.manual_seed(0)
+    for task in tasks:
+        model = (TransformerClassifier if task == "classifier" else TransformerLM)(small(**changes))
+        idx = torch.randint(2, V, (3, 12))
+        targets = torch.randint(0, 3, (3,)) if task == "classifier" else torch.randint(2, V, (3, 12))
+        loss = model(idx, targets).loss
+        loss.backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert torch.isfinite(loss) and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_grouped_query_with_as_many_kv_heads_is_multi_head():
+    torch.manual_seed(0)
+    mha = TransformerLM(small())
+    torch.manual_seed(0)
+    gqa = TransformerLM(small(n_kv_heads=4))
+    idx = torch.randint(2, V, (2, 10))
+    torch.testing.assert_close(mha(idx).logits, gqa(idx).logits, rtol=0, atol=0)
+
+
+def test_multi_query_equals_multi_head_with_copied_key_value_heads():
+    """Brute force: a multi-head layer whose key/value heads are all copies of the single shared head."""
+    torch.manual_seed(0)
+    config = small(n_kv_heads=1)
+    mqa, mha = Attention(config), Attention(small())
+    hs, H = 4, 4
+    with torch.no_grad():
+        w, b = mqa.qkv.weight, mqa.qkv.bias  # rows: H query heads, then 1 key head, then 1 value head
+        q_w, k_w, v_w = w[: H * hs], w[H * hs : (H + 1) * hs], w[(H + 1) * hs :]
+        q_b, k_b, v_b = b[: H * hs], b[H * hs : (H + 1) * hs], b[(H + 1) * hs :]
+        mha.qkv.weight.copy_(torch.cat([q_w, k_w.repeat(H, 1), v_w.repeat(H, 1)]))
+        mha.qkv.bias.copy_(torch.cat([q_b, k_b.repeat(H), v_b.repeat(H)]))
+        mha.proj.load_state_dict(mqa.proj.state_dict())
+    x = torch.randn(2, 6, 16)
+    mask = AttentionMask("full", 4, True, 16)(0, 6, 6)[None, None]
+    positions = NoPositions(config, 16)
+    torch.testing.assert_close(mqa(x, mask, positions)[0], mha(x, mask, positions)[0])
+    assert count_parameters(mqa) < count_parameters(mha)
+
+
+def test_rope_scores_depend_only_on_the_offset():
+    torch.manual_seed(0)
+    rope = RotaryPositions(small(position="rope"), 16)
+    q, k = torch.randn(1, 1, 1, 4), torch.randn(1, 1, 1, 4)
+
+    def score(i, j):
+        return (rope.rotate(q, i) * rope.rotate(k, j)).sum().item()
+
+    for i, j in [(3, 1), (7, 7), (2, 9)]:
+        for shift in (1, 5, 40):  # 40 also exercises growing the table past block_size
+            assert score(i + shift, j + shift) == pytest.approx(score(i, j), abs=1e-4)
+    assert score(3, 1) != pytest.approx(score(3, 2), abs=1e-4)
+
+
+def test_rope_keeps_vector_norms():
+    rope = RotaryPositions(small(position="rope"), 16)
+    x = torch.randn(2, 4, 9, 4)
+    torch.testing.assert_close(rope.rotate(x, 3).norm(dim=-1), x.norm(dim=-1))
+
+
+def brute_force_mask(pattern, w, causal, T):
+    allowed = torch.zeros(T, T, dtype=torch.bool)
+    for i in range(T):
+        for j in range(T):
+            if causal and j > i:
+                continue
+            if pattern == "full":
+                allowed[i, j] = True
+            elif pattern == "local":
+                allowed[i, j] = abs(i - j) < w
+            else:  # blockwise: own block; a decoder also sees the whole previous block
+                allowed[i, j] = (i // w == j // w) or (causal and j // w == i // w - 1)
+    return allowed
+
+
+@pytest.mark.parametrize("pattern", ["full", "local", "block"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_patterns_match_brute_force(pattern, causal):
+    mask = AttentionMask(pattern, 4, causal, 8)
+    expected = brute_force_mask(pattern, 4, causal, 20)
+    assert torch.equal(mask(0, 20, 20), expected)  # grown past the built length
+    assert torch.equal(mask(5, 3, 8), expected[5:8, :8])  # the rows of a cached decoding step
+
+
+def test_local_window_decoder_sees_only_the_last_w_tokens():
+    allowed = AttentionMask("local", 3, True, 8)(0, 8, 8)
+    assert allowed[6].nonzero().flatten().tolist() == [4, 5, 6]
+
+
+def test_mask_density_counts_the_scores():
+    assert mask_density("full", 4, False, 8) == 1.0
+    # local window 2 on 4 tokens, encoder: rows see 2, 3, 3, 2 of 4 keys
+    assert mask_density("local", 2, False, 4) == pytest.approx(10 / 16)
+    # blockwise 2 on 4 tokens, decoder: rows see 1, 2, 3, 4 keys, the same as full causal
+    assert mask_density("block", 2, True, 4) == 1.0
+
+
+@pytest.mark.parametrize("position", ["sinusoidal", "rope", "alibi", "none", "disentangled"])
+def test_relative_and_fixed_positions_run_past_block_size(position):
+    model = TransformerLM(small(position=position)).eval()
+    with torch.no_grad():
+        logits = model(torch.randint(2, V, (1, 40))).logits
+    assert logits.shape == (1, 40, V) and torch.isfinite(logits).all()
+
+
+def test_learned_positions_refuse_to_run_past_block_size():
+    model = TransformerLM(small()).eval()
+    with pytest.raises(ValueError, match="learned positions stop at 16"):
+        model(torch.randint(2, V, (1, 17)))
+
+
+def test_swiglu_keeps_parameters_close_to_relu():
+    relu = count_parameters(TransformerLM(TransformerConfig(vocab_size=100)))
+    swiglu = count_parameters(TransformerLM(TransformerConfig(vocab_size=100, feedforward="swiglu")))
+    assert abs(swiglu - relu) / relu < 0.01
+
+
+def test_tied_embeddings_share_one_matrix():
+    untied, tied = TransformerLM(small()), TransformerLM(small(tie_embeddings=True))
+    assert tied.lm_head.weight is tied.decoder.token_embedding.weight
+    assert count_parameters(untied) - count_parameters(tied) == V * 16
