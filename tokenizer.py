@@ -1,9 +1,13 @@
-"""Tokenizers: the course's word-level tokenizer (NLTK Treebank words inside Punkt sentences)."""
+"""Tokenizers: the course's word-level tokenizer (NLTK Treebank words inside Punkt sentences) and a byte-level BPE."""
 
+import heapq
 import json
-from collections.abc import Iterable
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from itertools import pairwise
 
 import punkt
+import regex
 from nltk.tokenize import NLTKWordTokenizer
 
 PAD, UNK = "<pad>", "<unk>"
@@ -61,3 +65,177 @@ class WordTokenizer:
     def from_json(cls, text: str) -> "WordTokenizer":
         """Inverse of `to_json`."""
         return cls(json.loads(text)["itos"])
+
+
+# --- Byte-level BPE ---------------------------------------------------------------------------
+
+# GPT-2's pre-tokeniser: merges never cross these pieces (a word with its leading space, a number,
+# a run of punctuation, whitespace), so tokens stay word-like and the pair counts stay small.
+GPT2_PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+SPECIALS = (PAD, "<bos>", "<eos>", "<cls>", "<mask>")
+BOS_ID, EOS_ID, CLS_ID, MASK_ID = 1, 2, 3, 4
+
+Pair = tuple[int, int]
+
+
+def merge_pair(ids: Sequence[int], pair: Pair, new_id: int) -> list[int]:
+    """`ids` with each occurrence of `pair`, scanned left to right without overlap, replaced by `new_id`."""
+    merged, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
+            merged.append(new_id)
+            i += 2
+        else:
+            merged.append(ids[i])
+            i += 1
+    return merged
+
+
+def _pop_best(heap: list, counts: Counter) -> Pair | None:
+    """The most frequent pair, smallest (left, right) ids on ties; stale heap entries are dropped."""
+    while heap:
+        negative_count, pair = heapq.heappop(heap)
+        if counts.get(pair, 0) == -negative_count > 0:
+            return pair
+    return None
+
+
+def _update_word(index: int, old: list[int], new: list[int], freq: int, counts: Counter, where: dict, heap: list):
+    """Move one word's pair counts from `old` to `new`, pushing every changed count onto the heap."""
+    before, after = Counter(pairwise(old)), Counter(pairwise(new))
+    for pair in before.keys() | after.keys():
+        change = (after[pair] - before[pair]) * freq
+        if change:
+            counts[pair] += change
+            if counts[pair]:
+                heapq.heappush(heap, (-counts[pair], pair))  # the old entry goes stale; _pop_best skips it
+            else:
+                del counts[pair]
+        if pair in after:
+            where[pair].add(index)
+        else:
+            where[pair].discard(index)
+
+
+def learn_merges(word_counts: Mapping[tuple[int, ...], int], num_merges: int, first_id: int) -> list[Pair]:
+    """BPE merges learned on id sequences with counts: the most frequent pair first, ties to the smallest pair."""
+    words = [list(word) for word in word_counts]
+    freqs = list(word_counts.values())
+    counts: Counter = Counter()
+    where: dict[Pair, set[int]] = defaultdict(set)  # pair -> the words holding it, so a merge touches only those
+    for index, word in enumerate(words):
+        _update_word(index, [], word, freqs[index], counts, where, [])  # the heap is built once, below
+    heap = [(-count, pair) for pair, count in counts.items()]
+    heapq.heapify(heap)
+    merges: list[Pair] = []
+    while len(merges) < num_merges and (pair := _pop_best(heap, counts)) is not None:
+        new_id = first_id + len(merges)
+        merges.append(pair)
+        for index in where.pop(pair):
+            old, words[index] = words[index], merge_pair(words[index], pair, new_id)
+            _update_word(index, old, words[index], freqs[index], counts, where, heap)
+        where.pop(pair, None)  # the merge removed every occurrence; drop the empty set _update_word left
+    return merges
+
+
+class ByteBPETokenizer:
+    """Byte-level BPE (Sennrich et al. 2016, on UTF-8 bytes as in GPT-2): no text is ever out of vocabulary.
+
+    Ids: the special tokens first (`<pad>` = 0, as the models expect), then the 256 bytes, then one id per merge
+    in the order learned. Training merges the most frequent adjacent pair inside GPT-2 pre-tokens; a tie goes to
+    the pair with the smallest (left id, right id), so the merges never depend on dict or file order.
+    Special tokens are never merged: `encode` reads them as plain text unless `allow_special=True`, so text that
+    merely contains "<eos>" cannot inject one. Strings with lone surrogates are not valid Unicode and have no
+    UTF-8 bytes: `encode` raises UnicodeEncodeError (a ValueError) for them.
+    """
+
+    def __init__(self, merges: Iterable[Sequence[int]] = (), specials: Sequence[str] = SPECIALS):
+        if not specials or specials[0] != PAD:
+            raise ValueError(f"the first special token must be {PAD} (id 0, the models' padding id)")
+        self.specials = tuple(specials)
+        self.merges: list[Pair] = []
+        self._bytes = [special.encode("utf-8") for special in self.specials] + [bytes([b]) for b in range(256)]
+        self._merged: dict[Pair, int] = {}  # pair -> its merged id; a smaller id means an earlier merge
+        for left, right in merges:
+            self._add_merge((left, right))
+        self.itos = [token.decode("utf-8", errors="replace") for token in self._bytes]
+        self._special_ids = {special: index for index, special in enumerate(self.specials)}
+        longest_first = sorted(self.specials, key=len, reverse=True)
+        self._special_pattern = regex.compile("(" + "|".join(map(regex.escape, longest_first)) + ")")
+        self._cache: dict[str, list[int]] = {}  # pre-token -> ids: the same words recur throughout a corpus
+
+    def _add_merge(self, pair: Pair):
+        if pair in self._merged or not all(len(self.specials) <= i < len(self._bytes) for i in pair):
+            raise ValueError(f"merge {pair} repeats or refers to a special or unknown id")
+        self._merged[pair] = len(self._bytes)
+        self.merges.append(pair)
+        self._bytes.append(self._bytes[pair[0]] + self._bytes[pair[1]])
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._bytes)
+
+    @classmethod
+    def from_texts(cls, texts: Iterable[str], vocab_size: int = 2000, specials: Sequence[str] = SPECIALS) -> "ByteBPETokenizer":
+        """Learn merges on `texts` until `vocab_size` ids (specials and bytes included) or no pair is left."""
+        first_id = len(specials) + 256
+        if vocab_size < first_id:
+            raise ValueError(f"vocab_size {vocab_size} is below the {first_id} special and byte ids")
+        words = Counter(piece for text in texts for piece in GPT2_PATTERN.findall(text))
+        word_ids = {tuple(b + len(specials) for b in word.encode("utf-8")): count for word, count in words.items()}
+        return cls(learn_merges(word_ids, vocab_size - first_id, first_id), specials)
+
+    def _encode_piece(self, piece: str) -> list[int]:
+        """Ids of one pre-token: apply the earliest learned merge present until none applies."""
+        if piece not in self._cache:
+            ids = [b + len(self.specials) for b in piece.encode("utf-8")]
+            while len(ids) > 1:
+                # merges made later only create pairs with later ids, so earliest-first equals training order
+                pair = min(pairwise(ids), key=lambda p: self._merged.get(p, len(self._bytes)))
+                if pair not in self._merged:
+                    break
+                ids = merge_pair(ids, pair, self._merged[pair])
+            self._cache[piece] = ids
+        return self._cache[piece]
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        return [i for piece in GPT2_PATTERN.findall(text) for i in self._encode_piece(piece)]
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Token ids of `text`; with `allow_special`, literal special-token strings become their single ids."""
+        if not allow_special:
+            return self._encode_ordinary(text)
+        parts = self._special_pattern.split(text)  # the capturing group puts the specials at odd positions
+        return [i for n, part in enumerate(parts)
+                for i in ([self._special_ids[part]] if n % 2 else self._encode_ordinary(part))]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of `ids`; bytes that are not valid UTF-8 (possible in sampled ids) become U+FFFD."""
+        return b"".join(self._bytes[i] for i in ids).decode("utf-8", errors="replace")
+
+    def split(self, text: str, allow_special: bool = False) -> list[str]:
+        """The printable token strings of `encode(text)`."""
+        return [self.itos[i] for i in self.encode(text, allow_special)]
+
+    def to_json(self) -> str:
+        """The special tokens and merges as JSON."""
+        return json.dumps({"type": "bpe", "specials": list(self.specials), "merges": self.merges})
+
+    @classmethod
+    def from_json(cls, text: str) -> "ByteBPETokenizer":
+        """Inverse of `to_json`."""
+        state = json.loads(text)
+        if state.get("type") != "bpe":
+            raise ValueError(f"not a BPE tokenizer: type {state.get('type')!r}")
+        return cls(state["merges"], state["specials"])
+
+
+TOKENIZERS = {"word": WordTokenizer, "bpe": ByteBPETokenizer}
+
+
+def tokenizer_from_json(text: str) -> WordTokenizer | ByteBPETokenizer:
+    """Rebuild either tokenizer from its `to_json` output, by its "type"."""
+    kind = json.loads(text).get("type")
+    if kind not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer type {kind!r}; expected one of {sorted(TOKENIZERS)}")
+    return TOKENIZERS[kind].from_json(text)
