@@ -22,7 +22,7 @@ from dataset import (
     read_text,
     shuffled_batches,
 )
-from tokenizer import WordTokenizer
+from tokenizer import ByteBPETokenizer, WordTokenizer
 from transformer import TransformerClassifier, TransformerConfig, TransformerLM, count_parameters
 
 
@@ -54,9 +54,10 @@ class Run:
 
     args: argparse.Namespace
     data: object
-    tokenizer: WordTokenizer
+    tokenizer: WordTokenizer | ByteBPETokenizer
     device: torch.device
     out: Path
+    words: WordTokenizer  # counts words for word-level perplexity, whatever the model's tokenizer
 
 
 # ---------------------------------------------------------------- the shared training loop
@@ -169,8 +170,9 @@ def train_classifier(run: Run, config: TransformerConfig, training: TrainingConf
 
 
 @torch.no_grad()
-def perplexity(model, stream: torch.Tensor, block_size: int, device, batch_size: int = 128) -> float:
-    """exp(mean cross-entropy) over every token of `stream` after the first, in consecutive windows."""
+def negative_log_likelihood(model, stream: torch.Tensor, block_size: int, device, batch_size: int = 128):
+    """Summed cross-entropy (nats) over every token of `stream` after the first, in consecutive windows,
+    and the number of tokens scored."""
     model.eval()
     total, count = 0.0, 0
     for inputs, targets in consecutive_windows(stream, block_size):
@@ -178,7 +180,20 @@ def perplexity(model, stream: torch.Tensor, block_size: int, device, batch_size:
             logits = model(x.to(device)).logits
             total += F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
             count += y.numel()
+    return total, count
+
+
+def perplexity(model, stream: torch.Tensor, block_size: int, device) -> float:
+    """Per-token perplexity: exp of the mean cross-entropy over every token after the first."""
+    total, count = negative_log_likelihood(model, stream, block_size, device)
     return math.exp(total / count)
+
+
+def word_perplexity(run: Run, model, text: str, block_size: int) -> float:
+    """Word-level perplexity: the file's total NLL over its word count (minus the unscored first word),
+    comparable across tokenizers; for the word tokenizer it equals the per-token figure."""
+    total, _ = negative_log_likelihood(model, encode_stream(run, text), block_size, run.device)
+    return math.exp(total / (len(run.words.split(text)) - 1))
 
 
 def encode_stream(run: Run, text: str) -> torch.Tensor:
@@ -204,6 +219,9 @@ def train_language_model(run: Run, config: TransformerConfig, training: Training
                "train_perplexity": perplexity(model, train_stream, config.block_size, run.device),
                "perplexity": {name: perplexity(model, stream, config.block_size, run.device)
                               for name, stream in test_streams.items()}}
+        if run.args.tokenizer != "word":  # per-token perplexities of different tokenizers are not comparable
+            row["word_perplexity"] = {name: word_perplexity(run, model, text, config.block_size)
+                                      for name, text in run.data.test_lm.items()}
         log(f"{step:>9} | {row['train_perplexity']:>9.2f} | " + " | ".join(f"{v:>8.2f}" for v in row["perplexity"].values()))
         return row
 
@@ -276,7 +294,8 @@ def part_one(run: Run) -> tuple[dict, list[str]]:
     """Encoder + classifier: per-epoch table, final, seen and unseen test accuracy."""
     model, report = train_classifier(run, model_config(run), training_config(run), run.args.seed)
     failures = attention_check(run, model, run.data.test_cls.texts[0], causal=False, prefix="part1_encoder")
-    result = {"vocab_size": run.tokenizer.vocab_size, **report, "extra": extra_accuracy(run, model)}
+    result = {"vocab_size": run.tokenizer.vocab_size, "tokenizer": run.args.tokenizer, **report,
+              "extra": extra_accuracy(run, model)}
     print(f"parameters: {report['num_parameters']:,}   vocabulary: {run.tokenizer.vocab_size:,}")
     print(f"test accuracy: {report['test_accuracy']:.2f}%   on segments seen in train_CLS.tsv "
           f"({report['num_test_seen']}): {report['test_accuracy_seen']:.2f}%   unseen ({report['num_test_unseen']}): "
@@ -306,8 +325,11 @@ def part_two(run: Run) -> tuple[dict, list[str]]:
     """Decoder language model: perplexity every eval_interval iterations."""
     model, report = train_language_model(run, model_config(run), training_config(run), run.args.seed)
     failures = attention_check(run, model, run.data.test_lm["obama"], causal=True, prefix="part2_decoder")
-    result = {"vocab_size": run.tokenizer.vocab_size, **report, "extra": extra_perplexity(run, model)}
-    print(f"parameters: {report['num_parameters']:,}   vocabulary: {run.tokenizer.vocab_size:,}")
+    result = {"vocab_size": run.tokenizer.vocab_size, "tokenizer": run.args.tokenizer, **report,
+              "extra": extra_perplexity(run, model)}
+    print(f"parameters: {report['num_parameters']:,}   vocabulary: {run.tokenizer.vocab_size:,} ({run.args.tokenizer})")
+    if "word_perplexity" in report["evals"][-1]:
+        print("word-level perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in report["evals"][-1]["word_perplexity"].items()))
     for name, value in result["extra"].items():
         print(f"perplexity on {name}: {value:.2f}")
     if not run.args.no_plots:
@@ -393,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     explore.add_argument("--variants", help=f"comma-separated subset of: {', '.join(experiments.VARIANTS)}")
     explore.add_argument("--seeds", type=int, default=3, help="seeds per variant (from --seed on)")
     explore.add_argument("--workers", type=int, help="worker processes (default: one per core, at most 2)")
+    parser.add_argument("--tokenizer", choices=("word", "bpe"), default="word",
+                        help="word: NLTK words (the course's); bpe: byte-level BPE trained on the training text")
+    parser.add_argument("--bpe-vocab", type=int, default=2000, help="BPE vocabulary size (specials and bytes included)")
     sizes = parser.add_argument_group("model")
     for name in ("block_size", "n_embd", "n_head", "n_layer", "ff_hidden"):
         sizes.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(base, name))
@@ -422,8 +447,9 @@ def make_run(args) -> Run:
         raise ValueError(f"--seeds must be positive, got {args.seeds}")
     device = resolve_device(args.device)
     data = load_speeches(args.data_dir)
-    tokenizer = WordTokenizer.from_texts(data.vocabulary_texts())
-    return Run(args, data, tokenizer, device, args.out)
+    words = WordTokenizer.from_texts(data.vocabulary_texts())
+    tokenizer = words if args.tokenizer == "word" else ByteBPETokenizer.from_texts(data.vocabulary_texts(), args.bpe_vocab)
+    return Run(args, data, tokenizer, device, args.out, words)
 
 
 def main(argv=None) -> int:

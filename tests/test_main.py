@@ -126,3 +126,29 @@ def test_explore_rejects_unknown_variants(small_data, tmp_path, capsys):
     status, _, err = run(capsys, "--part", "three", "--data-dir", small_data, "--out", tmp_path, "--explore",
                          "--variants", "base,bogus", "--epochs", "1", "--max-iters", "10", "--eval-interval", "10")
     assert status == 2 and "unknown variant(s) bogus" in err
+
+
+def test_bpe_language_model_reports_word_level_perplexity(small_data, tmp_path, capsys):
+    status, out, _ = run(capsys, "--part", "two", "--data-dir", small_data, "--out", tmp_path, "--tokenizer", "bpe",
+                         "--bpe-vocab", "400", "--max-iters", "20", "--eval-interval", "20", *FAST)
+    assert status == 0, out
+    result = json.loads((tmp_path / "part_two.json").read_text())
+    assert result["vocab_size"] == 400 and result["tokenizer"] == "bpe"
+    final = result["evals"][-1]
+    # a BPE file has more tokens than words, so the same total NLL spread over fewer words is larger
+    for name in ("obama", "wbush", "hbush"):
+        assert final["word_perplexity"][name] > final["perplexity"][name]
+
+
+def test_word_level_perplexity_equals_per_token_for_the_word_tokenizer(small_data):
+    import torch
+
+    from transformer import TransformerLM
+
+    args = main.build_parser().parse_args(["--part", "two", "--data-dir", str(small_data)])
+    context = main.make_run(args)
+    torch.manual_seed(0)
+    model = TransformerLM(main.model_config(context, n_layer=1))
+    text = context.data.test_lm["hbush"]
+    expected = main.perplexity(model, main.encode_stream(context, text), 32, context.device)
+    assert main.word_perplexity(context, model, text, 32) == pytest.approx(expected, rel=1e-9)
