@@ -122,3 +122,27 @@ def consecutive_windows(data: torch.Tensor, block_size: int):
         yield data[:full].view(-1, block_size), data[1 : full + 1].view(-1, block_size)  # (N, T)
     if full < num_targets:
         yield data[full:-1].unsqueeze(0), data[full + 1 :].unsqueeze(0)  # (1, T')
+
+
+def stratified_split(labels: list[int], fraction: float, seed: int = 0):
+    """Index tensors (kept, held_out): `fraction` of each class held out, chosen by a seeded shuffle."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.as_tensor(labels)
+    held_out = []
+    for label in labels.unique().tolist():
+        members = (labels == label).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        held_out.append(members[: round(fraction * len(members))])
+    held_out = torch.cat(held_out).sort().values
+    kept = torch.ones(len(labels), dtype=torch.bool)
+    kept[held_out] = False
+    return kept.nonzero().flatten(), held_out
+
+
+def split_lines(text: str, fraction: float) -> tuple[str, str]:
+    """(first lines, last `fraction` of the lines): a held-out tail for language-model validation."""
+    if fraction <= 0:
+        return text, ""
+    lines = text.splitlines(keepends=True)
+    cut = len(lines) - max(1, round(fraction * len(lines)))
+    return "".join(lines[:cut]), "".join(lines[cut:])

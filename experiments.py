@@ -9,11 +9,12 @@ import os
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+import training
 import utilities
 from transformer import AttentionMask, TransformerConfig
 
@@ -62,30 +63,60 @@ def _init_worker(args):
     _WORKER["main"] = main
 
 
-def _train_one(task: str, variant: str, seed: int, heatmap: bool) -> tuple[str, str, int, dict]:
-    """Train one (task, variant, seed); return its report, with length extrapolation for decoders."""
+@dataclass
+class Job:
+    """One training run: a task, a named set of config changes on top of a preset, a seed."""
+
+    task: str  # classifier | lm
+    name: str
+    seed: int
+    changes: dict = field(default_factory=dict)
+    preset: str = "base"
+    heatmap: bool = False
+    extrapolate: bool = False
+
+
+def _train_one(job: Job) -> tuple[Job, dict]:
+    """Train one job in a worker; return its report (final figures, test probabilities, check failures)."""
     main, run = _WORKER["main"], _WORKER["run"]
-    prefix = f"explore_{'encoder' if task == 'classifier' else 'decoder'}_{variant}"
-    config = main.model_config(run, **VARIANTS[variant][0])
-    training = main.training_config(run)
+    config = main.model_config(run, job.task, preset=job.preset, **job.changes)
+    settings = main.training_config(run, job.task, preset=job.preset)
     quiet = lambda *a, **k: None  # noqa: E731
-    if task == "classifier":
-        model, report = main.train_classifier(run, config, training, seed, log=quiet)
-        report = {key: report[key] for key in ("num_parameters", "test_accuracy", "test_accuracy_unseen", "train_seconds")}
-        report["attention_failures"] = main.attention_check(run, model, run.data.test_cls.texts[0], False, prefix, heatmap)
-    else:
-        # evaluate once at the end: the exploration compares final perplexities
-        model, report = main.train_language_model(run, config, replace(training, eval_interval=training.max_iters),
-                                                  seed, log=quiet)
-        final = report["evals"][-1]
-        report = {"num_parameters": report["num_parameters"], "train_seconds": report["train_seconds"],
-                  "train_perplexity": final["train_perplexity"], "perplexity": final["perplexity"],
-                  "attention_failures": main.attention_check(run, model, run.data.test_lm["obama"], True, prefix, heatmap)}
-        if variant in EXTRAPOLATING:
-            report["extrapolation"] = {
-                length: {name: main.perplexity(model, main.encode_stream(run, text), length, run.device)
-                         for name, text in run.data.test_lm.items()} for length in EXTRAPOLATION_LENGTHS}
-    return task, variant, seed, report
+    prefix = f"{job.preset}_{'encoder' if job.task == 'classifier' else 'decoder'}_{job.name}"
+    if job.task == "classifier":
+        model, report = training.train_classifier(run, config, settings, job.seed, log=quiet)
+        report.pop("epochs")
+        ids, _ = training.classifier_tensors(run, run.data.test_cls, config.block_size)
+        report["probabilities"] = training.predict(model, ids, run.device).tolist()  # for seed ensembles
+        report["attention_failures"] = main.attention_check(run, model, run.data.test_cls.texts[0], False, prefix,
+                                                            job.heatmap)
+        return job, report
+    if settings.validation_fraction == 0:  # nothing to select on: evaluate once, at the end
+        settings = replace(settings, eval_interval=settings.max_iters)
+    model, report = training.train_language_model(run, config, settings, job.seed, log=quiet)
+    report["train_perplexity"] = report["evals"][-1]["train_perplexity"]
+    report["perplexity"] = report.pop("final")["perplexity"]
+    report["attention_failures"] = main.attention_check(run, model, run.data.test_lm["obama"], True, prefix, job.heatmap)
+    if job.extrapolate:
+        report["extrapolation"] = {
+            length: {name: training.perplexity(model, training.encode_stream(run, text), length, run.device)
+                     for name, text in run.data.test_lm.items()} for length in EXTRAPOLATION_LENGTHS}
+    return job, report
+
+
+def run_jobs(args, jobs: list[Job], workers: int, log=print) -> tuple[dict, list[str]]:
+    """Run jobs on `workers` processes; return {(task, name): [report per seed]} and the check failures."""
+    runs, failures = {}, []
+    # spawn, not fork: forking a process that already runs torch's thread pool can deadlock
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(args,)) as pool:
+        for job, report in pool.map(_train_one, jobs):
+            failures += [f"seed {job.seed}: {failure}" for failure in report.pop("attention_failures")]
+            runs.setdefault((job.task, job.name), []).append(report)
+            log(f"  {job.task:10s} {job.name:16s} seed {job.seed}: " + (
+                f"test acc {report['test_accuracy']:.2f}%" if job.task == "classifier"
+                else "ppl " + " / ".join(f"{v:.1f}" for v in report["perplexity"].values())))
+    return runs, failures
 
 
 # ---------------------------------------------------------------- summarising
@@ -164,25 +195,19 @@ def explore(args, variants: list[str], seeds: int, workers: int, log=print) -> t
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-    jobs = [(task, variant, args.seed + offset, offset == 0 and variant in HEATMAP_VARIANTS and not args.no_plots)
+    jobs = [Job(task, variant, args.seed + offset, VARIANTS[variant][0], args.preset,
+                heatmap=offset == 0 and variant in HEATMAP_VARIANTS and not args.no_plots,
+                extrapolate=task == "lm" and variant in EXTRAPOLATING)
             for variant in variants for task in VARIANTS[variant][1] for offset in range(seeds)]
     log(f"exploration: {len(jobs)} training runs ({len(variants)} variants x {seeds} seeds) on {workers} workers")
     started = time.perf_counter()
-    runs, failures = {"classifier": {}, "lm": {}}, []
-    # spawn, not fork: forking a process that already runs torch's thread pool can deadlock
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(args,)) as pool:
-        for task, variant, seed, report in pool.map(_train_one, *zip(*jobs)):
-            failures += [f"seed {seed}: {failure}" for failure in report.pop("attention_failures")]
-            runs[task].setdefault(variant, []).append(report)
-            log(f"  {task:10s} {variant:16s} seed {seed}: " + (
-                f"test acc {report['test_accuracy']:.2f}%" if task == "classifier"
-                else "ppl " + " / ".join(f"{v:.1f}" for v in report["perplexity"].values())))
-    results = {task: {variant: summarise(task, r) for variant, r in by_variant.items()}
-               for task, by_variant in runs.items()}
-    window = TransformerConfig().window
+    runs, failures = run_jobs(args, jobs, workers, log)
+    results = {"classifier": {}, "lm": {}}
+    for (task, variant), reports in runs.items():
+        results[task][variant] = summarise(task, reports)
+    window, block_size = TransformerConfig().window, args.block_size or TransformerConfig().block_size
     results["attention_density"] = {
-        v: {task: mask_density(VARIANTS[v][0].get("attention_pattern", "full"), window, task == "lm", args.block_size)
+        v: {task: mask_density(VARIANTS[v][0].get("attention_pattern", "full"), window, task == "lm", block_size)
             for task in ("classifier", "lm")} for v in variants if v in PATTERN_ROWS}
     results["seconds"] = time.perf_counter() - started
     results["seeds"] = seeds

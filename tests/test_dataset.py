@@ -2,7 +2,7 @@
 
 import torch
 
-from dataset import consecutive_windows, random_windows, read_labelled_segments
+from dataset import consecutive_windows, random_windows, read_labelled_segments, split_lines, stratified_split
 
 
 def test_consecutive_windows_predict_every_token_once():
@@ -30,3 +30,20 @@ def test_empty_segments_are_skipped_and_counted(tmp_path):
     assert segments.texts == ["hello there", "good night"]
     assert segments.labels == [0, 2]
     assert segments.skipped_empty == 1
+
+
+def test_stratified_split_keeps_class_proportions_and_is_deterministic():
+    labels = [0] * 50 + [1] * 30 + [2] * 20
+    kept, held_out = stratified_split(labels, 0.1, seed=0)
+    assert sorted(kept.tolist() + held_out.tolist()) == list(range(100))
+    assert [sum(labels[i] == c for i in held_out.tolist()) for c in range(3)] == [5, 3, 2]
+    again = stratified_split(labels, 0.1, seed=0)
+    assert torch.equal(again[1], held_out)
+
+
+def test_split_lines_holds_out_the_last_lines():
+    text = "".join(f"line {i}\n" for i in range(20))
+    train, validation = split_lines(text, 0.1)
+    assert train + validation == text
+    assert validation == "line 18\nline 19\n"
+    assert split_lines(text, 0.0) == (text, "")

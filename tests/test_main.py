@@ -143,12 +143,13 @@ def test_bpe_language_model_reports_word_level_perplexity(small_data, tmp_path, 
 def test_word_level_perplexity_equals_per_token_for_the_word_tokenizer(small_data):
     import torch
 
+    import training
     from transformer import TransformerLM
 
     args = main.build_parser().parse_args(["--part", "two", "--data-dir", str(small_data)])
     context = main.make_run(args)
     torch.manual_seed(0)
-    model = TransformerLM(main.model_config(context, n_layer=1))
+    model = TransformerLM(main.model_config(context, "lm", n_layer=1))
     text = context.data.test_lm["hbush"]
-    expected = main.perplexity(model, main.encode_stream(context, text), 32, context.device)
-    assert main.word_perplexity(context, model, text, 32) == pytest.approx(expected, rel=1e-9)
+    expected = training.perplexity(model, training.encode_stream(context, text), 32, context.device)
+    assert training.word_perplexity(context, model, text, 32) == pytest.approx(expected, rel=1e-9)
