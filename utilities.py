@@ -1,7 +1,8 @@
-"""Reports: attention sanity checks and heatmaps, training plots, tables and atomic file writes."""
+"""Reports: attention sanity checks and heatmaps, training plots, tables, atomic file writes and checkpoints."""
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no screen needed
 import matplotlib.pyplot as plt
 import torch
+
+from transformer import TransformerClassifier, TransformerConfig, TransformerLM
 
 # ---------------------------------------------------------------- atomic output
 
@@ -141,3 +144,132 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- checkpoints
+# A checkpoint is a directory: model.pt (the state_dict), config.json (the TransformerConfig plus
+# "model": "classifier" | "lm"), tokenizer.json and metrics.json. It is written into a hidden sibling
+# directory and renamed into place, so a reader sees the old checkpoint or the new one, never a mix.
+
+CHECKPOINT_FILES = ("model.pt", "config.json", "tokenizer.json", "metrics.json")
+CHECKPOINT_MODELS = {"classifier": TransformerClassifier, "lm": TransformerLM}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or does not rebuild its model; the message names the file."""
+
+
+def _fsync(path: Path):
+    """Flush a file or directory to disk, so a power cut after the rename cannot leave it empty."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def _replace_directory(source: Path, target: Path):
+    """Rename `source` onto `target`; an existing target is moved aside first and removed after."""
+    aside = None
+    if target.exists():
+        aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old."))
+        os.replace(target, aside)  # onto the empty directory mkdtemp just made
+    try:
+        os.replace(source, target)
+    except BaseException:
+        if aside is not None:
+            os.replace(aside, target)  # put the previous checkpoint back
+        raise
+    _fsync(target.parent)
+    if aside is not None:
+        shutil.rmtree(aside)
+
+
+def save_checkpoint(directory: Path, model: torch.nn.Module, config_dict: dict, tokenizer_json: str, metrics: dict) -> Path:
+    """Write model.pt, config.json, tokenizer.json and metrics.json as one directory, atomically."""
+    directory = Path(directory)
+    if config_dict.get("model") not in CHECKPOINT_MODELS:
+        raise ValueError(f"config_dict['model'] must be one of {', '.join(CHECKPOINT_MODELS)}, got {config_dict.get('model')!r}")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.new."))
+    try:
+        torch.save(model.state_dict(), temporary / "model.pt")
+        (temporary / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n", encoding="utf-8")
+        (temporary / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+        (temporary / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        for name in (*CHECKPOINT_FILES, "."):
+            _fsync(temporary / name)
+        _replace_directory(temporary, directory)
+    finally:
+        if temporary.exists():
+            shutil.rmtree(temporary)
+    return directory
+
+
+def _read_json(path: Path, kind=dict):
+    """Parsed JSON of `path`, which must be a `kind`; CheckpointError otherwise."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: invalid JSON ({str(error).splitlines()[0]})") from error
+    if not isinstance(data, kind):
+        raise CheckpointError(f"{path}: expected a JSON {kind.__name__}, got {type(data).__name__}")
+    return data
+
+
+def _read_weights(path: Path) -> dict:
+    """The state_dict in `path`, loaded without unpickling arbitrary objects; CheckpointError otherwise."""
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated or corrupt archives fail in many ways (RuntimeError, EOFError, ...)
+        # torch's own text may be long or misleading (a corrupt file is "Weights only load failed")
+        raise CheckpointError(f"{path}: unreadable weights, truncated or corrupt ({type(error).__name__})") from error
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CheckpointError(f"{path}: not a state_dict of tensors")
+    return state_dict
+
+
+def load_checkpoint(directory: Path) -> tuple[dict, dict, str, dict]:
+    """(state_dict, config_dict, tokenizer_json, metrics) of a checkpoint; CheckpointError if any is unusable."""
+    directory = Path(directory)
+    for name in CHECKPOINT_FILES:
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory / name}: missing from the checkpoint")
+    state_dict = _read_weights(directory / "model.pt")
+    config_dict = _read_json(directory / "config.json")
+    _read_json(directory / "tokenizer.json")  # checked here, parsed by the tokenizer
+    tokenizer_json = (directory / "tokenizer.json").read_text(encoding="utf-8")
+    return state_dict, config_dict, tokenizer_json, _read_json(directory / "metrics.json")
+
+
+def _mismatch(expected: dict, found: dict) -> str | None:
+    """A one-line description of how state_dict `found` differs from `expected` in keys or shapes, or None."""
+    missing, unexpected = expected.keys() - found.keys(), found.keys() - expected.keys()
+    if missing or unexpected:
+        return f"{len(missing)} missing and {len(unexpected)} unexpected tensors, e.g. {sorted(missing or unexpected)[0]}"
+    wrong = [k for k in expected if expected[k].shape != found[k].shape]
+    if wrong:
+        k = wrong[0]
+        shapes = f"{tuple(found[k].shape)}, config needs {tuple(expected[k].shape)}"
+        return f"{len(wrong)} tensors of the wrong shape, e.g. {k}: {shapes}"
+    return None
+
+
+def build_and_load(directory: Path) -> tuple[torch.nn.Module, str, dict]:
+    """(model in eval mode, tokenizer_json, metrics) rebuilt from a checkpoint; CheckpointError if it cannot be."""
+    directory = Path(directory)
+    state_dict, config_dict, tokenizer_json, metrics = load_checkpoint(directory)
+    options = dict(config_dict)
+    kind = options.pop("model", None)
+    config_path = directory / "config.json"
+    if kind not in CHECKPOINT_MODELS:
+        raise CheckpointError(f"{config_path}: 'model' must be one of {', '.join(CHECKPOINT_MODELS)}, got {kind!r}")
+    try:
+        model = CHECKPOINT_MODELS[kind](TransformerConfig(**options))
+    except (TypeError, ValueError) as error:  # unknown option, or a value validate() rejects
+        raise CheckpointError(f"{config_path}: cannot build the model ({error})") from error
+    problem = _mismatch(model.state_dict(), state_dict)
+    if problem:
+        raise CheckpointError(f"{directory / 'model.pt'}: does not match config.json: {problem}")
+    model.load_state_dict(state_dict)
+    return model.eval(), tokenizer_json, metrics
