@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from transformer import Output, TransformerConfig, TransformerLM, generate
+from generation import generate
+from transformer import Output, TransformerConfig, TransformerLM
 
 CASES = [("learned", None), ("rope", None), ("rope", 1024), ("alibi", 1024)]  # (position, max_context)
 

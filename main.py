@@ -11,7 +11,8 @@ import torch
 import experiments
 import utilities
 from dataset import DataError, load_speeches, read_labelled_segments, read_text
-from tokenizer import ByteBPETokenizer, WordTokenizer
+from generation import STRATEGIES, generate
+from tokenizer import PAD_ID, SPECIALS, UNK_ID, ByteBPETokenizer, WordTokenizer, tokenizer_from_json
 from training import (
     PRESETS,
     Run,
@@ -92,6 +93,14 @@ def extra_perplexity(run: Run, model) -> dict:
             for path in run.args.extra_test}
 
 
+def save_model(run: Run, model, task: str, metrics: dict):
+    """With --save DIR: weights, config, tokenizer and test metrics, written atomically."""
+    if run.args.save:
+        config = {**model.config.to_dict(), "model": task}
+        path = utilities.save_checkpoint(run.args.save, model, config, run.tokenizer.to_json(), metrics)
+        print(f"saved checkpoint to {path}")
+
+
 def part_one(run: Run) -> tuple[dict, list[str]]:
     """Encoder + classifier: per-epoch table, final, seen and unseen test accuracy."""
     model, report = train_classifier(run, model_config(run, "classifier"), training_config(run, "classifier"), run.args.seed)
@@ -110,6 +119,7 @@ def part_one(run: Run) -> tuple[dict, list[str]]:
         utilities.plot_curves({name: (epochs, [row[key] for row in report["epochs"]])
                                for name, key in (("train", "train_accuracy"), ("test", "test_accuracy"))},
                               "epoch", "accuracy (%)", "Part one: classifier accuracy", run.out / "part_one_accuracy.png")
+    save_model(run, model, "classifier", {key: value for key, value in report.items() if key.startswith("test_accuracy")})
     return result, failures
 
 
@@ -140,6 +150,7 @@ def part_two(run: Run) -> tuple[dict, list[str]]:
         print(f"perplexity on {name}: {value:.2f}")
     if not run.args.no_plots:
         plot_perplexities(run, {"decoder": report}, run.out / "part_two_perplexity.png", "Part two: decoder perplexity")
+    save_model(run, model, "lm", {"perplexity": report["final"]["perplexity"]})
     return result, failures
 
 
@@ -217,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--extra-test", action="append", default=[], metavar="PATH",
                         help="another labelled TSV (part one) or text file (parts two, three) to evaluate on")
     parser.add_argument("--no-plots", action="store_true", help="skip PNG figures and heatmaps")
+    parser.add_argument("--save", type=Path, metavar="DIR", help="parts one and two: save the trained model here")
     explore = parser.add_argument_group("part three exploration")
     explore.add_argument("--explore", action="store_true", help="also compare every architecture variant")
     explore.add_argument("--variants", help=f"comma-separated subset of: {', '.join(experiments.VARIANTS)}")
@@ -259,7 +271,51 @@ def make_run(args) -> Run:
     return Run(args, data, tokenizer, device, args.out, words)
 
 
+def build_generate_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="main.py generate", description="Continue a prompt with a saved decoder (--part two --save DIR).")
+    parser.add_argument("--checkpoint", type=Path, required=True, metavar="DIR")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=30)
+    parser.add_argument("--strategy", choices=STRATEGIES, default="greedy")
+    parser.add_argument("--temperature", type=float, default=1.0, help="> 0; greedy ignores it")
+    parser.add_argument("--top-k", type=int, help="top-k (and optionally sample): keep the k likeliest tokens")
+    parser.add_argument("--top-p", type=float, help="top-p (and optionally sample): smallest set with mass >= p")
+    parser.add_argument("--beams", type=int, default=4)
+    parser.add_argument("--max-context", type=int, help="tokens the model sees (default block_size)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def generate_command(argv) -> int:
+    """python main.py generate --checkpoint DIR --prompt "..." [options]: print the continuation."""
+    args = build_generate_parser().parse_args(argv)
+    try:
+        model, tokenizer_json, _ = utilities.build_and_load(args.checkpoint)
+        if not hasattr(model, "lm_head"):
+            raise ValueError(f"{args.checkpoint}: holds a classifier; generation needs a decoder (--part two --save)")
+        tokenizer = tokenizer_from_json(tokenizer_json)
+        prompt = tokenizer.encode(args.prompt)
+        word_level = isinstance(tokenizer, WordTokenizer)
+        if not prompt:
+            raise ValueError("the prompt has no tokens")
+        if word_level and all(i == UNK_ID for i in prompt):
+            raise ValueError(f"every word of the prompt is outside the vocabulary: {args.prompt!r}")
+        # never emit padding or specials; the word tokenizer's <unk> is not a word either
+        suppressed = (PAD_ID, UNK_ID) if word_level else tuple(range(len(SPECIALS)))
+        new = generate(model, prompt, args.max_new_tokens, args.strategy, args.temperature, args.top_k, args.top_p,
+                       args.beams, torch.Generator().manual_seed(args.seed), max_context=args.max_context,
+                       suppress_ids=suppressed)
+    except ValueError as error:  # CheckpointError included
+        print(f"main.py generate: error: {error}", file=sys.stderr)
+        return 2
+    print(tokenizer.decode(prompt) + (" " if word_level else "") + tokenizer.decode(new))
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["generate"]:
+        return generate_command(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         run = make_run(args)

@@ -6,15 +6,8 @@ import math
 import pytest
 import torch
 
-from transformer import (
-    POSITIONS,
-    ContextWindow,
-    Output,
-    TransformerConfig,
-    TransformerLM,
-    filter_logits,
-    generate,
-)
+from generation import ContextWindow, filter_logits, generate
+from transformer import POSITIONS, Output, TransformerConfig, TransformerLM
 
 V = 30
 

@@ -153,3 +153,55 @@ def test_word_level_perplexity_equals_per_token_for_the_word_tokenizer(small_dat
     text = context.data.test_lm["hbush"]
     expected = training.perplexity(model, training.encode_stream(context, text), 32, context.device)
     assert training.word_perplexity(context, model, text, 32) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.fixture(scope="module")
+def saved_decoder(small_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("decoder")
+    assert main.main(["--part", "two", "--data-dir", str(small_data), "--out", str(out), "--max-iters", "20",
+                      "--eval-interval", "20", "--save", str(out / "checkpoint"), *FAST]) == 0
+    return out
+
+
+def test_a_loaded_checkpoint_reproduces_the_saved_perplexity_exactly(saved_decoder, small_data):
+    import training
+    import utilities
+    from tokenizer import tokenizer_from_json
+
+    model, tokenizer_json, metrics = utilities.build_and_load(saved_decoder / "checkpoint")
+    saved = json.loads((saved_decoder / "part_two.json").read_text())["final"]["perplexity"]
+    context = training.Run(None, None, tokenizer_from_json(tokenizer_json), model.lm_head.weight.device, None, None)
+    text = (small_data / "test_LM_wbush.txt").read_text(encoding="utf-8")
+    again = training.perplexity(model, training.encode_stream(context, text), 32, context.device)
+    assert again == saved["wbush"] == metrics["perplexity"]["wbush"]
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "sample", "top-k", "top-p", "beam"])
+def test_generate_prints_a_continuation(saved_decoder, capsys, strategy):
+    status, out, err = run(capsys, "generate", "--checkpoint", saved_decoder / "checkpoint", "--prompt", "We will",
+                           "--strategy", strategy, "--top-k", "5", "--top-p", "0.9", "--max-new-tokens", "6")
+    assert status == 0, err
+    assert out.startswith("We will ") and len(out.split()) == 2 + 6
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--prompt", ""], "the prompt has no tokens"),
+    (["--prompt", "qqzx vvkw"], "every word of the prompt is outside the vocabulary"),
+    (["--prompt", "We", "--strategy", "sample", "--temperature", "0"], "temperature must be positive"),
+    (["--prompt", "We", "--strategy", "top-k", "--top-k", "0"], "top_k must be at least 1"),
+    (["--prompt", "We", "--strategy", "top-p", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+])
+def test_generate_bad_input_gives_one_line_and_status_2(saved_decoder, capsys, argv, message):
+    status, _, err = run(capsys, "generate", "--checkpoint", saved_decoder / "checkpoint", *argv)
+    assert status == 2 and len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_generate_from_a_broken_checkpoint_gives_one_line_and_status_2(saved_decoder, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(saved_decoder / "checkpoint", broken)
+    weights = (broken / "model.pt").read_bytes()
+    (broken / "model.pt").write_bytes(weights[: len(weights) // 2])
+    status, _, err = run(capsys, "generate", "--checkpoint", broken, "--prompt", "We will")
+    assert status == 2 and "model.pt" in err and len(err.strip().splitlines()) == 1
