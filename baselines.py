@@ -1,0 +1,392 @@
+"""Non-neural baselines for the course data: naive Bayes, TF-IDF logistic regression, a Kneser–Ney trigram LM,
+and an audit of exact-text overlaps between the splits.
+
+    python baselines.py --data-dir DIR [--out results/baselines.json] [--extra-test TEXT_FILE ...]
+
+Everything uses the course vocabulary (`WordTokenizer.from_texts(speeches.vocabulary_texts())`) with `<unk>` for
+words outside it, so the numbers sit beside the transformer's.
+
+The trigram perplexity has exactly `main.perplexity`'s targets: every token of a test file after the first. The
+context is cut at the file start only, so token 1 is scored given token 0 alone (bigram and unigram levels); the
+transformer also restarts its context at each window, which a two-word history barely feels. `<unk>` is an
+ordinary target for both; it never occurs in train_LM.txt (all of it is in the vocabulary), so the trigram model
+reaches it through the uniform floor only. Scoring just the targets with a full two-word context (from the third
+token) gives 243.9 / 380.6 / 267.0, which round to the issue author's 244 / 381 / 267; ours are 244.1 / 380.3 / 267.0.
+
+Why our own implementations rather than NLTK's (both were tried on this data):
+- `nltk.NaiveBayesClassifier` is fast (about 1 s) and scores 91.2%, but it is a different model: each feature is
+  a categorical variable P(feature = value | class) scored only where present in the document (absent features
+  count for nothing), with fixed add-0.5 smoothing. It is neither multinomial nor Bernoulli, so the multinomial
+  model over unigram + bigram counts with a tuned α is written here in a few lines of torch.
+- `nltk.lm.KneserNeyInterpolated` (3.10) rescans every trigram context on each query (about 10 ms a token, minutes
+  a test file), and its lowest level is the bare continuation unigram with no uniform floor, so `<unk>` and every
+  vocabulary word never seen in train_LM.txt get probability 0: 2 of the first 40 Obama targets, infinite perplexity.
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dataset import CLASS_NAMES, DataError, Speeches, load_speeches, read_text
+from tokenizer import UNK_ID, WordTokenizer
+
+ALPHAS = (0.01, 0.03, 0.1, 0.3, 1.0)
+L2_STRENGTHS = (1e-6, 1e-5, 1e-4, 1e-3)  # l2 = 1 / (C · N) in scikit-learn terms
+
+
+# ---------------------------------------------------------------- features and splits
+
+
+def stratified_split(labels: Sequence[int], fraction: float = 0.1, seed: int = 0) -> tuple[list[int], list[int]]:
+    """(train, validation) indices: `fraction` of each class, rounded, drawn with a seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.as_tensor(labels)
+    validation = []
+    for label in labels.unique():  # sorted, so the draws do not depend on the order classes first appear
+        members = (labels == label).nonzero().flatten()
+        validation += members[torch.randperm(len(members), generator=generator)][: round(fraction * len(members))].tolist()
+    held_out = set(validation)
+    return [i for i in range(len(labels)) if i not in held_out], sorted(validation)
+
+
+def ngram_counts(tokenizer: WordTokenizer, text: str) -> Counter:
+    """Counts of the word unigrams (id,) and bigrams (id, id) of `text`, out-of-vocabulary words as `<unk>`."""
+    ids = tokenizer.encode(text)
+    return Counter([(i,) for i in ids] + list(pairwise(ids)))
+
+
+def count_matrix(documents: list[Counter], columns: dict) -> torch.Tensor:
+    """Sparse (N, F) float64 counts; features without a column (unseen when fitting) are dropped."""
+    entries = [(row, columns[feature], count) for row, document in enumerate(documents)
+               for feature, count in document.items() if feature in columns]
+    rows, cols, values = zip(*entries) if entries else ((), (), ())
+    return torch.sparse_coo_tensor(torch.tensor([rows, cols], dtype=torch.long).view(2, -1),
+                                   torch.tensor(values, dtype=torch.float64), (len(documents), len(columns)),
+                                   check_invariants=True).coalesce()
+
+
+def feature_columns(documents: list[Counter]) -> dict:
+    """Feature -> column, for every feature of the documents a model is fitted on."""
+    return {feature: column for column, feature in enumerate(dict.fromkeys(f for d in documents for f in d))}
+
+
+def to_csr(matrix: torch.Tensor) -> torch.Tensor:
+    """A CSR copy: its products are ~15x faster than COO's here; torch's "beta" notice is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return matrix.to_sparse_csr()
+
+
+def accuracy(predicted: Sequence[int], labels: Sequence[int]) -> float:
+    """Percent of equal entries (nan when empty)."""
+    return 100.0 * sum(p == y for p, y in zip(predicted, labels)) / len(labels) if len(labels) else float("nan")
+
+
+# ---------------------------------------------------------------- classifiers
+
+
+@dataclass
+class NaiveBayes:
+    """Multinomial naive Bayes: class priors from the training frequencies, add-α smoothed feature likelihoods."""
+
+    columns: dict
+    log_prior: torch.Tensor  # (C,)
+    log_likelihood: torch.Tensor  # (C, F)
+
+    @classmethod
+    def fit(cls, documents: list[Counter], labels: Sequence[int], alpha: float) -> "NaiveBayes":
+        """Fit on feature counts; the feature set is every feature of `documents`."""
+        columns = feature_columns(documents)
+        onehot = F.one_hot(torch.as_tensor(labels), len(CLASS_NAMES)).double()  # (N, C)
+        smoothed = torch.sparse.mm(count_matrix(documents, columns).t(), onehot).t() + alpha  # (C, F)
+        log_likelihood = smoothed.log() - smoothed.sum(1, keepdim=True).log()
+        return cls(columns, onehot.mean(0).log(), log_likelihood)
+
+    def log_posterior(self, documents: list[Counter]) -> torch.Tensor:
+        """log P(class | document): (N, C)."""
+        joint = torch.sparse.mm(count_matrix(documents, self.columns), self.log_likelihood.t()) + self.log_prior
+        return joint - joint.logsumexp(1, keepdim=True)
+
+    def predict(self, documents: list[Counter]) -> list[int]:
+        """The most probable class of each document."""
+        return self.log_posterior(documents).argmax(1).tolist()
+
+
+def tfidf(counts: torch.Tensor, idf: torch.Tensor) -> torch.Tensor:
+    """Rows of counts * idf scaled to unit L2 norm (sparse in, sparse out)."""
+    rows, cols = counts.indices()
+    values = counts.values() * idf[cols]
+    norms = torch.zeros(counts.shape[0], dtype=values.dtype).index_add_(0, rows, values**2).sqrt()
+    return torch.sparse_coo_tensor(counts.indices(), values / norms[rows].clamp_min(1e-12), counts.shape,
+                                   check_invariants=False)  # indices copied from a checked tensor
+
+
+def softmax_regression_loss(inputs, inputs_t, targets, weight, bias, l2: float):
+    """Mean cross-entropy + l2/2 * |weight|², and its gradients, written out: sparse autograd is ~10x slower here."""
+    logits = inputs @ weight + bias  # (N, C)
+    error = (logits.softmax(1) - F.one_hot(targets, logits.shape[1])) / len(targets)  # d(mean loss)/d(logits)
+    loss = F.cross_entropy(logits, targets) + 0.5 * l2 * weight.pow(2).sum()
+    return loss, inputs_t @ error + l2 * weight, error.sum(0)
+
+
+@dataclass
+class TfidfLogisticRegression:
+    """Softmax regression on L2-normalised TF-IDF rows; idf = ln((1 + N) / (1 + df)) + 1, as scikit-learn smooths it."""
+
+    columns: dict
+    idf: torch.Tensor  # (F,)
+    weight: torch.Tensor  # (F, C)
+    bias: torch.Tensor  # (C,)
+
+    @classmethod
+    def fit(cls, documents: list[Counter], labels: Sequence[int], l2: float, max_iter: int = 500):
+        """Full-batch L-BFGS from zero weights: the loss is convex, so the result is deterministic; the bias is not penalised."""
+        columns = feature_columns(documents)
+        counts = count_matrix(documents, columns)
+        document_frequency = torch.bincount(counts.indices()[1], minlength=len(columns))
+        idf = ((1 + len(documents)) / (1 + document_frequency.double())).log() + 1
+        inputs = tfidf(counts, idf)
+        inputs, inputs_t, targets = to_csr(inputs), to_csr(inputs.t().coalesce()), torch.as_tensor(labels)
+        weight = torch.zeros(len(columns), len(CLASS_NAMES), dtype=torch.float64, requires_grad=True)
+        bias = torch.zeros(len(CLASS_NAMES), dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, history_size=10, line_search_fn="strong_wolfe")
+
+        @torch.no_grad()
+        def closure():
+            loss, weight.grad, bias.grad = softmax_regression_loss(inputs, inputs_t, targets, weight, bias, l2)
+            return loss
+
+        optimizer.step(closure)
+        return cls(columns, idf, weight.detach(), bias.detach())
+
+    def predict(self, documents: list[Counter]) -> list[int]:
+        """The highest-scoring class of each document."""
+        logits = torch.sparse.mm(tfidf(count_matrix(documents, self.columns), self.idf), self.weight) + self.bias
+        return logits.argmax(1).tolist()
+
+
+@contextmanager
+def one_thread():
+    """Run torch on one thread inside the block: on a busy 2-core machine, thread hand-offs for these small
+    vector ops made the classifiers 3-6x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def tune_and_fit(model_class, documents: list[Counter], labels: list[int], grid: Sequence[float], seed: int):
+    """Pick the grid value with the best accuracy on a stratified 10% of train, then refit on all of it."""
+    train, validation = stratified_split(labels, seed=seed)
+    scores = {}
+    with one_thread():
+        for value in grid:
+            model = model_class.fit([documents[i] for i in train], [labels[i] for i in train], value)
+            scores[value] = accuracy(model.predict([documents[i] for i in validation]), [labels[i] for i in validation])
+        best = max(grid, key=scores.get)  # the first of equal scores, in grid order
+        model = model_class.fit(documents, labels, best)
+    return model, best, {str(value): score for value, score in scores.items()}
+
+
+def grouped_accuracy(predicted: list[int], labels: list[int], groups: dict[str, list[bool]]) -> dict:
+    """test_accuracy<suffix> and num_test<suffix> over the rows each group keeps."""
+    result = {}
+    for suffix, where in groups.items():
+        kept = [i for i, keep in enumerate(where) if keep]
+        result[f"test_accuracy{suffix}"] = accuracy([predicted[i] for i in kept], [labels[i] for i in kept])
+        result[f"num_test{suffix}"] = len(kept)
+    return result
+
+
+def classifier_baselines(speeches: Speeches, tokenizer: WordTokenizer, seed: int = 0) -> dict:
+    """Naive Bayes and TF-IDF logistic regression, tuned on validation, scored on test_CLS (overall and by overlap)."""
+    started = time.perf_counter()
+    train = [ngram_counts(tokenizer, text) for text in speeches.train_cls.texts]
+    test = [ngram_counts(tokenizer, text) for text in speeches.test_cls.texts]
+    results = {"feature_seconds": time.perf_counter() - started}
+    labels = speeches.train_cls.labels
+    overlap = overlap_flags(speeches)
+    groups = {"": [True] * len(test), "_seen": overlap["in_train_cls"],
+              "_unseen": [not seen for seen in overlap["in_train_cls"]], "_unseen_both": overlap["in_neither"]}
+    for name, model_class, grid, knob in (("naive_bayes", NaiveBayes, ALPHAS, "alpha"),
+                                          ("tfidf_logreg", TfidfLogisticRegression, L2_STRENGTHS, "l2")):
+        started = time.perf_counter()
+        model, best, validation = tune_and_fit(model_class, train, labels, grid, seed)
+        predicted = model.predict(test)
+        results[name] = {knob: best, "validation_accuracy": validation}
+        results[name].update(grouped_accuracy(predicted, speeches.test_cls.labels, groups))
+        results[name]["seconds"] = time.perf_counter() - started
+    return results
+
+
+# ---------------------------------------------------------------- Kneser–Ney trigram language model
+
+
+def context_totals(counts: Counter) -> dict:
+    """For n-gram counts keyed (*context, word): context -> (sum of counts, number of distinct words)."""
+    totals = defaultdict(lambda: [0, 0])
+    for ngram, count in counts.items():
+        totals[ngram[:-1]][0] += count
+        totals[ngram[:-1]][1] += 1
+    return dict(totals)
+
+
+class KneserNeyTrigram:
+    """Interpolated Kneser–Ney trigram model over token ids (Chen & Goodman 1998; Jurafsky & Martin ch. 3).
+
+    P3(w | u v) = (max(c(u v w) - D, 0) + D · N1+(u v •) · P2(w | v)) / c(u v •)
+    P2(w | v)   = (max(N1+(• v w) - D, 0) + D · N1+(v •) · P1(w)) / N1+(• v •)    continuation counts from trigram types
+    P1(w)       = (max(N1+(• w) - D, 0) + D · N1+(•) / V) / N1+(• •)             continuation counts from bigram types
+    A context never seen in training hands all its mass to the next level down; the last level is uniform over all
+    V = vocab_size ids (`<pad>` included), the transformer's output space, so every vocabulary word has P > 0.
+    """
+
+    def __init__(self, stream: Sequence[int], vocab_size: int, discount: float = 0.75):
+        ids = [int(i) for i in stream]
+        self.vocab_size, self.discount = vocab_size, discount
+        self.trigrams = Counter(zip(ids, ids[1:], ids[2:]))
+        self.bigrams = Counter((v, w) for _, v, w in self.trigrams)  # N1+(• v w): distinct words before v w
+        self.unigrams = Counter(w for _, w in set(pairwise(ids)))  # N1+(• w): distinct words before w
+        self.trigram_totals = context_totals(self.trigrams)
+        self.bigram_totals = context_totals(self.bigrams)
+        self.unigram_total, self.unigram_types = sum(self.unigrams.values()), len(self.unigrams)
+
+    def interpolate(self, count: float, totals: tuple[int, int], lower: float) -> float:
+        """One level: discounted count plus the discounted mass spread by `lower`; all of `lower` for an unseen context."""
+        total, types = totals
+        return (max(count - self.discount, 0) + self.discount * types * lower) / total if total else lower
+
+    def probability(self, word: int, context: Sequence[int] = ()) -> float:
+        """P(word | the last two ids of context), with fewer levels when the context is shorter."""
+        context = tuple(int(i) for i in context)[-2:]
+        uniform = 1 / self.vocab_size
+        probability = self.interpolate(self.unigrams[word], (self.unigram_total, self.unigram_types), uniform)
+        if context:
+            probability = self.interpolate(self.bigrams[(context[-1], word)],
+                                           self.bigram_totals.get(context[-1:], (0, 0)), probability)
+        if len(context) == 2:
+            probability = self.interpolate(self.trigrams[(*context, word)], self.trigram_totals.get(context, (0, 0)),
+                                           probability)
+        return probability
+
+    def perplexity(self, stream: Sequence[int], first_target: int = 1) -> float:
+        """exp(mean -log P) over the tokens from `first_target` on; the default 1 scores main.perplexity's targets."""
+        ids = [int(i) for i in stream]
+        if len(ids) <= first_target:
+            raise ValueError(f"perplexity needs more than {first_target} tokens")
+        # the context is cut at the file start: token 1 is scored given token 0 alone (levels P2 and P1)
+        log_likelihood = sum(math.log(self.probability(ids[t], ids[max(0, t - 2):t])) for t in range(first_target, len(ids)))
+        return math.exp(-log_likelihood / (len(ids) - first_target))
+
+
+def lm_baseline(speeches: Speeches, tokenizer: WordTokenizer, extra: dict[str, str] | None = None) -> dict:
+    """Kneser–Ney trigram (D = 0.75) fitted on train_LM.txt; perplexity on each test_LM file and each `extra` text."""
+    started = time.perf_counter()
+    train = tokenizer.encode(speeches.train_lm)
+    model = KneserNeyTrigram(train, tokenizer.vocab_size)
+    texts = {**speeches.test_lm, **(extra or {})}
+    streams = {name: tokenizer.encode(text) for name, text in texts.items()}
+    return {"kneser_ney": {"discount": model.discount, "train_tokens": len(train),
+                           "perplexity": {name: model.perplexity(ids) for name, ids in streams.items()},
+                           # targets with a full two-word context only: this rounds to the issue author's figures
+                           "perplexity_from_third_token": {name: model.perplexity(ids, 2) for name, ids in streams.items()},
+                           "num_targets": {name: len(ids) - 1 for name, ids in streams.items()},
+                           "num_unk_targets": {name: ids[1:].count(UNK_ID) for name, ids in streams.items()},
+                           "seconds": time.perf_counter() - started}}
+
+
+# ---------------------------------------------------------------- overlap audit
+
+
+def lines_of(text: str) -> list[str]:
+    """Non-blank lines, stripped."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def overlap_flags(speeches: Speeches) -> dict[str, list[bool]]:
+    """Per test_CLS segment: is its exact text a train_CLS segment, a substring of train_LM.txt, in neither?"""
+    train_cls = set(speeches.train_cls.texts)
+    in_cls = [text in train_cls for text in speeches.test_cls.texts]
+    # substring rather than whole line: train_LM lines hold one or more sentences, so a segment may sit inside one
+    in_lm = [text in speeches.train_lm for text in speeches.test_cls.texts]
+    return {"in_train_cls": in_cls, "in_train_lm": in_lm, "in_neither": [not (a or b) for a, b in zip(in_cls, in_lm)]}
+
+
+def audit(speeches: Speeches) -> dict:
+    """Counts of exact-text overlaps between every pair of splits (segments, lines, substrings of train_LM.txt)."""
+    train_cls, train_lm = set(speeches.train_cls.texts), speeches.train_lm
+    train_lm_lines = set(lines_of(train_lm))
+    labelled = set(zip(speeches.train_cls.texts, speeches.train_cls.labels))
+    test = speeches.test_cls
+    test_cls = {"segments": len(test.texts), **{k: sum(v) for k, v in overlap_flags(speeches).items()},
+                "in_train_lm_as_line": sum(text in train_lm_lines for text in test.texts),
+                "in_train_cls_same_label": sum(pair in labelled for pair in zip(test.texts, test.labels))}
+    test_lm = {name: {"lines": len(lines), "in_train_cls": sum(line in train_cls for line in lines),
+                      "in_train_lm": sum(line in train_lm for line in lines)}
+               for name, lines in ((name, lines_of(text)) for name, text in speeches.test_lm.items())}
+    train = {"train_cls_segments": len(speeches.train_cls.texts), "train_cls_in_train_lm": sum(t in train_lm for t in train_cls),
+             "train_cls_distinct": len(train_cls), "train_lm_lines": len(train_lm_lines),
+             "train_lm_lines_in_train_cls": len(train_lm_lines & train_cls)}
+    return {"test_cls": test_cls, "test_lm": test_lm, "train": train}
+
+
+def format_audit(report: dict) -> str:
+    """The audit as a few readable lines."""
+    cls, train = report["test_cls"], report["train"]
+    lines = [f"test_CLS: {cls['segments']} segments; {cls['in_train_cls']} in train_CLS.tsv "
+             f"({cls['in_train_cls_same_label']} with the same label), {cls['in_train_lm']} in train_LM.txt "
+             f"({cls['in_train_lm_as_line']} as a whole line), {cls['in_neither']} in neither"]
+    lines += [f"test_LM_{name}: {c['lines']} lines; {c['in_train_cls']} are train_CLS segments "
+              f"({100 * c['in_train_cls'] / c['lines']:.0f}%), {c['in_train_lm']} in train_LM.txt"
+              for name, c in report["test_lm"].items()]
+    lines.append(f"train_CLS vs train_LM: {train['train_cls_in_train_lm']} of {train['train_cls_distinct']} distinct "
+                 f"segments occur in train_LM.txt; {train['train_lm_lines_in_train_cls']} of {train['train_lm_lines']} "
+                 "distinct train_LM lines are train_CLS segments")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="baselines.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=Path("speechesdataset"))
+    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    parser.add_argument("--extra-test", action="append", default=[], metavar="PATH", help="a text file to score with the LM")
+    args = parser.parse_args(argv)
+    try:
+        speeches = load_speeches(args.data_dir)
+        extra = {Path(path).name: read_text(path) for path in args.extra_test}
+    except DataError as error:
+        print(f"baselines.py: error: {error}", file=sys.stderr)
+        return 2
+    tokenizer = WordTokenizer.from_texts(speeches.vocabulary_texts())
+    report = audit(speeches)
+    print(format_audit(report))
+    result = {"audit": report, "classifiers": classifier_baselines(speeches, tokenizer, args.seed),
+              "language_model": lm_baseline(speeches, tokenizer, extra)}
+    print(json.dumps({key: result[key] for key in ("classifiers", "language_model")}, indent=2))
+    if args.out:
+        import utilities  # only here: it loads matplotlib
+
+        utilities.write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,168 @@
+"""Baselines against hand-computed toy cases, brute-force sums and autograd; one end-to-end check on the course data."""
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import baselines
+from baselines import KneserNeyTrigram, NaiveBayes, audit, format_audit, stratified_split
+from dataset import LabelledSegments, Speeches, load_speeches
+from tokenizer import WordTokenizer
+
+# ---------------------------------------------------------------- naive Bayes
+
+
+def test_naive_bayes_posterior_matches_hand_arithmetic():
+    documents = [Counter({"a": 2, "b": 1}), Counter({"b": 1, "c": 1}), Counter({"a": 1})]
+    model = NaiveBayes.fit(documents, [0, 1, 0], alpha=1.0)
+    # class 0 counts a=3, b=1, c=0 (total 4) -> smoothed (4, 2, 1) / 7;  class 1: a=0, b=1, c=1 -> (1, 2, 2) / 5
+    # priors 2/3, 1/3 and 0 (the course has three classes; class 2 has no document here); "z" was never seen, so ignored
+    joint_0 = 2 / 3 * (4 / 7) * (1 / 7)  # a once, c once
+    joint_1 = 1 / 3 * (1 / 5) * (2 / 5)
+    posterior = model.log_posterior([Counter({"a": 1, "c": 1, "z": 1})]).exp()[0]
+    assert posterior.tolist() == pytest.approx([joint_0 / (joint_0 + joint_1), joint_1 / (joint_0 + joint_1), 0.0])
+    # counts multiply: a twice is (4/7)² against (1/5)²
+    joint_0, joint_1 = 2 / 3 * (4 / 7) ** 2, 1 / 3 * (1 / 5) ** 2
+    assert model.log_posterior([Counter({"a": 2})]).exp()[0, 0].item() == pytest.approx(joint_0 / (joint_0 + joint_1))
+
+
+def test_ngram_counts_are_unigrams_and_bigrams_with_unk():
+    tokenizer = WordTokenizer(["the", "cat", "sat"])
+    the, cat, unk = tokenizer.stoi["the"], tokenizer.stoi["cat"], tokenizer.stoi["<unk>"]
+    counts = baselines.ngram_counts(tokenizer, "the cat the dog")
+    assert counts == Counter({(the,): 2, (cat,): 1, (unk,): 1, (the, cat): 1, (cat, the): 1, (the, unk): 1})
+
+
+# ---------------------------------------------------------------- logistic regression
+
+
+def test_softmax_regression_gradient_matches_autograd():
+    generator = torch.Generator().manual_seed(0)
+    dense = torch.rand(6, 5, generator=generator, dtype=torch.float64) * (torch.rand(6, 5, generator=generator) < 0.5)
+    targets = torch.tensor([0, 1, 2, 0, 1, 2])
+    weight = torch.randn(5, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, generator=generator, dtype=torch.float64, requires_grad=True)
+    loss, grad_weight, grad_bias = baselines.softmax_regression_loss(
+        baselines.to_csr(dense), baselines.to_csr(dense.t()), targets, weight.detach(), bias.detach(), l2=0.1)
+    reference = F.cross_entropy(dense @ weight + bias, targets) + 0.05 * weight.pow(2).sum()
+    reference.backward()
+    assert loss.item() == pytest.approx(reference.item())
+    torch.testing.assert_close(grad_weight, weight.grad)
+    torch.testing.assert_close(grad_bias, bias.grad)
+
+
+def test_tfidf_rows_match_hand_formula():
+    documents = [Counter({"a": 2, "b": 1}), Counter({"a": 1})]
+    model = baselines.TfidfLogisticRegression.fit(documents, [0, 1], l2=1e-3)
+    idf_a, idf_b = math.log(3 / 3) + 1, math.log(3 / 2) + 1  # ln((1 + N) / (1 + df)) + 1
+    row = baselines.tfidf(baselines.count_matrix(documents[:1], model.columns), model.idf).to_dense()[0]
+    norm = math.hypot(2 * idf_a, idf_b)
+    assert row.tolist() == pytest.approx([2 * idf_a / norm, idf_b / norm])
+    assert model.predict(documents) == [0, 1]
+
+
+# ---------------------------------------------------------------- Kneser–Ney
+
+
+A, B, C, UNK, V = 2, 3, 4, 1, 5  # ids; vocab_size 5 counts <pad> and <unk> too
+
+
+@pytest.fixture
+def toy_lm():
+    return KneserNeyTrigram([A, B, C, B, A], vocab_size=V, discount=0.75)
+
+
+def test_kneser_ney_matches_hand_computed_values(toy_lm):
+    # trigrams: abc, bcb, cba.  bigram continuation N1+(• v w) from their types: bc 1, cb 1, ba 1
+    # unigram continuation N1+(• w) from bigram types ab, bc, cb, ba: a 1, b 2, c 1 (total 4, 3 types)
+    p1 = {A: (0.25 + 0.75 * 3 / 5) / 4, B: (1.25 + 0.75 * 3 / 5) / 4, C: (0.25 + 0.75 * 3 / 5) / 4}
+    p1_unk = (0.75 * 3 / 5) / 4
+    assert [toy_lm.probability(w) for w in (A, B, C, UNK)] == pytest.approx([p1[A], p1[B], p1[C], p1_unk])
+    assert [p1[A], p1[B], p1[C], p1_unk] == pytest.approx([0.175, 0.425, 0.175, 0.1125])
+    # context b: continuation total 2 (ba, bc), 2 types
+    p2_a_b = (0.25 + 0.75 * 2 * p1[A]) / 2
+    p2_c_b = (0.25 + 0.75 * 2 * p1[C]) / 2
+    # seen trigram a b c: context "a b" seen once, one type
+    assert toy_lm.probability(C, [A, B]) == pytest.approx((1 - 0.75 + 0.75 * 1 * p2_c_b) / 1)
+    # unseen trigram a b a, seen bigram b a: all of it comes through the discount mass
+    assert toy_lm.probability(A, [A, B]) == pytest.approx(0.75 * p2_a_b)
+    assert toy_lm.probability(A, [A, B]) == pytest.approx(0.1921875)
+    # a word never seen in training: only the uniform base reaches it
+    assert toy_lm.probability(UNK, [A, B]) == pytest.approx(0.75 * (0.75 * 2 * p1_unk) / 2)
+    # an unseen context falls through to the next level whole: "c c" to P2(a | c) (context c: cb only), "c a" to P1
+    assert toy_lm.probability(A, [C, C]) == pytest.approx((0 + 0.75 * 1 * p1[A]) / 1)
+    assert toy_lm.probability(A, [C, A]) == pytest.approx(p1[A])
+
+
+@pytest.mark.parametrize("context", [(), (A,), (B,), (A, B), (C, B), (B, B), (UNK, A)])
+def test_kneser_ney_distribution_sums_to_one(toy_lm, context):
+    assert sum(toy_lm.probability(w, context) for w in range(V)) == pytest.approx(1.0)
+
+
+def test_kneser_ney_perplexity_scores_every_token_after_the_first(toy_lm):
+    stream = [A, B, C, A]
+    expected = toy_lm.probability(B, [A]) * toy_lm.probability(C, [A, B]) * toy_lm.probability(A, [B, C])
+    assert toy_lm.perplexity(stream) == pytest.approx(expected ** (-1 / 3))
+    assert toy_lm.perplexity(torch.tensor(stream)) == pytest.approx(expected ** (-1 / 3))
+
+
+# ---------------------------------------------------------------- split and audit
+
+
+def test_stratified_split_keeps_class_proportions_and_is_deterministic():
+    labels = [0] * 50 + [1] * 30 + [2] * 20
+    train, validation = stratified_split(labels, fraction=0.1, seed=3)
+    assert Counter(labels[i] for i in validation) == {0: 5, 1: 3, 2: 2}
+    assert sorted(train + validation) == list(range(100))
+    assert (train, validation) == stratified_split(labels, fraction=0.1, seed=3)
+    assert validation != stratified_split(labels, fraction=0.1, seed=4)[1]
+
+
+def tiny_speeches() -> Speeches:
+    train_cls = LabelledSegments(["One two.", "Three four.", "Five six."], [0, 1, 2])
+    test_cls = LabelledSegments(["One two.", "Three four.", "Seven eight.", "Nine ten.", "One two."], [0, 2, 1, 0, 0])
+    train_lm = "Start. Seven eight. End.\nThree four.\nOne two. And more.\n"
+    test_lm = {"obama": "One two.\nSomething new.\n", "wbush": "Five six.\nThree four.\n", "hbush": "Nothing.\n"}
+    return Speeches(train_cls, test_cls, train_lm, test_lm)
+
+
+def test_audit_counts_on_a_hand_made_dataset():
+    report = audit(tiny_speeches())
+    # "One two." is in train_CLS and (inside a line) in train_LM; "Three four." in both, as a whole line;
+    # "Seven eight." sits inside a train_LM line; "Nine ten." is nowhere
+    # "One two." comes twice in test and counts twice; "Three four." has another label in train
+    assert report["test_cls"] == {"segments": 5, "in_train_cls": 3, "in_train_lm": 4, "in_neither": 1,
+                                  "in_train_lm_as_line": 1, "in_train_cls_same_label": 2}
+    assert report["test_lm"] == {"obama": {"lines": 2, "in_train_cls": 1, "in_train_lm": 1},
+                                 "wbush": {"lines": 2, "in_train_cls": 2, "in_train_lm": 1},
+                                 "hbush": {"lines": 1, "in_train_cls": 0, "in_train_lm": 0}}
+    assert report["train"] == {"train_cls_segments": 3, "train_cls_in_train_lm": 2, "train_cls_distinct": 3,
+                               "train_lm_lines": 3, "train_lm_lines_in_train_cls": 1}
+    assert "4 in train_LM.txt (1 as a whole line), 1 in neither" in format_audit(report)
+
+
+def test_classifier_groups_follow_the_audit():
+    speeches = tiny_speeches()
+    flags = baselines.overlap_flags(speeches)
+    assert flags["in_train_cls"] == [True, True, False, False, True]
+    assert flags["in_neither"] == [False, False, False, True, False]
+
+
+# ---------------------------------------------------------------- the course data
+
+
+def test_baselines_on_the_course_data(data_dir):
+    speeches = load_speeches(data_dir)
+    tokenizer = WordTokenizer.from_texts(speeches.vocabulary_texts())
+    train = [baselines.ngram_counts(tokenizer, text) for text in speeches.train_cls.texts]
+    test = [baselines.ngram_counts(tokenizer, text) for text in speeches.test_cls.texts]
+    predicted = NaiveBayes.fit(train, speeches.train_cls.labels, alpha=0.1).predict(test)
+    assert baselines.accuracy(predicted, speeches.test_cls.labels) > 85
+    perplexity = baselines.lm_baseline(speeches, tokenizer)["kneser_ney"]["perplexity"]
+    assert set(perplexity) == {"obama", "wbush", "hbush"}
+    assert all(math.isfinite(value) and 1 < value < 1000 for value in perplexity.values())
+    report = audit(speeches)["test_cls"]
+    assert (report["in_train_cls"], report["in_train_lm"], report["in_neither"]) == (551, 316, 122)
