@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dataset import CLASS_NAMES, DataError, Speeches, load_speeches, read_text
+from dataset import CLASS_NAMES, DataError, Speeches, load_speeches, read_text, stratified_split
 from tokenizer import UNK_ID, WordTokenizer
 
 ALPHAS = (0.01, 0.03, 0.1, 0.3, 1.0)
@@ -47,18 +47,6 @@ L2_STRENGTHS = (1e-6, 1e-5, 1e-4, 1e-3)  # l2 = 1 / (C · N) in scikit-learn ter
 
 
 # ---------------------------------------------------------------- features and splits
-
-
-def stratified_split(labels: Sequence[int], fraction: float = 0.1, seed: int = 0) -> tuple[list[int], list[int]]:
-    """(train, validation) indices: `fraction` of each class, rounded, drawn with a seeded generator."""
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.as_tensor(labels)
-    validation = []
-    for label in labels.unique():  # sorted, so the draws do not depend on the order classes first appear
-        members = (labels == label).nonzero().flatten()
-        validation += members[torch.randperm(len(members), generator=generator)][: round(fraction * len(members))].tolist()
-    held_out = set(validation)
-    return [i for i in range(len(labels)) if i not in held_out], sorted(validation)
 
 
 def ngram_counts(tokenizer: WordTokenizer, text: str) -> Counter:
@@ -191,7 +179,7 @@ def one_thread():
 
 def tune_and_fit(model_class, documents: list[Counter], labels: list[int], grid: Sequence[float], seed: int):
     """Pick the grid value with the best accuracy on a stratified 10% of train, then refit on all of it."""
-    train, validation = stratified_split(labels, seed=seed)
+    train, validation = (part.tolist() for part in stratified_split(labels, 0.1, seed=seed))
     scores = {}
     with one_thread():
         for value in grid:

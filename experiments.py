@@ -217,3 +217,87 @@ def explore(args, variants: list[str], seeds: int, workers: int, log=print) -> t
 def worker_count(requested: int | None) -> int:
     """Worker processes: one per core by default."""
     return requested or max(1, min(2, os.cpu_count() or 1))
+
+
+# ---------------------------------------------------------------- the improvement: baselines vs base vs best
+
+CLASSIFIER_COLUMNS = ("test_accuracy", "test_accuracy_seen", "test_accuracy_unseen", "test_accuracy_unseen_both")
+
+
+def summarise_improve(run, task: str, reports: list[dict]) -> dict:
+    """Mean and spread over seeds; for the classifier also the seed ensemble (mean of the probabilities)."""
+    summary = {"num_parameters": reports[0]["num_parameters"], "train_seconds": _spread([r["train_seconds"] for r in reports])}
+    if task == "classifier":
+        summary.update({key: _spread([r[key] for r in reports]) for key in CLASSIFIER_COLUMNS})
+        ensemble = torch.tensor([r["probabilities"] for r in reports]).mean(0)
+        summary["ensemble"] = {key: value for key, value in training.classifier_report(run, ensemble).items()
+                               if key in CLASSIFIER_COLUMNS}
+        return summary
+    summary["perplexity"] = {name: _spread([r["perplexity"][name] for r in reports]) for name in reports[0]["perplexity"]}
+    if "best_iteration" in reports[0]:
+        summary["best_iteration"] = [r["best_iteration"] for r in reports]
+    summary["curves"] = [[{k: row[k] for k in ("iteration", "validation_perplexity", "perplexity") if k in row}
+                          for row in r["evals"]] for r in reports]
+    return summary
+
+
+def improve(args, run, seeds: int, workers: int, log=print) -> tuple[dict, list[str]]:
+    """The non-neural baselines, the course base model and the `best` preset, on both tasks, same seeds."""
+    import baselines
+
+    started = time.perf_counter()
+    classifier = baselines.classifier_baselines(run.data, run.words, seed=0)
+    results = {"classifier": {name: classifier[name] for name in ("naive_bayes", "tfidf_logreg")},
+               "lm": baselines.lm_baseline(run.data, run.words)}
+    jobs = [Job(task, preset, args.seed + offset, preset=preset) for task in ("classifier", "lm")
+            for preset in ("base", "best") for offset in range(seeds)]
+    log(f"improvement: {len(jobs)} training runs (base and best x {seeds} seeds x 2 tasks) on {workers} workers")
+    runs, failures = run_jobs(args, jobs, workers, log)
+    for (task, preset), reports in runs.items():
+        results[task][preset] = summarise_improve(run, task, reports)
+    results["seconds"] = time.perf_counter() - started
+    results["seeds"] = seeds
+    return results, failures
+
+
+def _value(entry: dict, key: str) -> str:
+    value = entry[key]
+    return _cell(value) if isinstance(value, dict) else f"{value:.2f}"
+
+
+def improve_tables(results: dict) -> dict[str, str]:
+    """Markdown tables: baselines, base and best side by side, per task."""
+    rows = []
+    for name, entry in results["classifier"].items():
+        rows.append([name, *(_value(entry, key) for key in CLASSIFIER_COLUMNS)])
+        if "ensemble" in entry:
+            rows.append([f"{name} (ensemble of {results['seeds']})",
+                         *(f"{entry['ensemble'][key]:.2f}" for key in CLASSIFIER_COLUMNS)])
+    classifier = utilities.markdown_table(["classifier", "test acc %", "seen %", "unseen %", "in neither file %"], rows)
+    rows = [[name, *(_value(entry["perplexity"], test) for test in ("obama", "wbush", "hbush"))]
+            for name, entry in results["lm"].items()]
+    lm = utilities.markdown_table(["language model", "obama", "wbush", "hbush"], rows)
+    return {"classifier": classifier, "lm": lm}
+
+
+def plot_improve(results: dict, out: Path):
+    """Bars for each task, and the best decoder's validation and test perplexity against iteration."""
+    def mean(entry, key):
+        value = entry[key]
+        return value["mean"] if isinstance(value, dict) else value
+    classifier = results["classifier"]
+    utilities.plot_bars({f"{n} {part}": mean(e, key) for n, e in classifier.items()
+                         for part, key in (("all", "test_accuracy"), ("unseen", "test_accuracy_unseen"))}, None,
+                        "test accuracy (%)", "Classifier: baselines vs transformers", out / "improve_classifier.png")
+    lm = results["lm"]
+    utilities.plot_bars({n: statistics.mean(mean(e["perplexity"], t) for t in e["perplexity"]) for n, e in lm.items()},
+                        None, "mean test perplexity (lower is better)", "Language model: baselines vs transformers",
+                        out / "improve_lm.png")
+    if "best" in lm:
+        curve = lm["best"]["curves"][0]
+        iterations = [row["iteration"] for row in curve]
+        series = {"validation (selects)": (iterations, [row["validation_perplexity"] for row in curve])}
+        for test in curve[0]["perplexity"]:
+            series[f"test {test}"] = (iterations, [row["perplexity"][test] for row in curve])
+        utilities.plot_curves(series, "iteration", "perplexity", "Best decoder, first seed", out / "improve_lm_curve.png",
+                              log_y=True)

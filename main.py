@@ -10,6 +10,7 @@ import torch
 
 import experiments
 import utilities
+from baselines import audit, format_audit
 from dataset import DataError, load_speeches, read_labelled_segments, read_text
 from generation import STRATEGIES, generate
 from tokenizer import PAD_ID, SPECIALS, UNK_ID, ByteBPETokenizer, WordTokenizer, tokenizer_from_json
@@ -177,7 +178,23 @@ def part_three(run: Run) -> tuple[dict, list[str]]:
     if run.args.explore:
         result["exploration"], explore_failures = part_three_exploration(run)
         failures += explore_failures
+    if run.args.improve:
+        result["improve"], improve_failures = part_three_improvement(run)
+        failures += improve_failures
     return result, failures
+
+
+def part_three_improvement(run: Run) -> tuple[dict, list[str]]:
+    """Baselines, the course base model and the best preset side by side, mean over --seeds seeds."""
+    print("\n== improvement")
+    results, failures = experiments.improve(run.args, run, run.args.seeds, experiments.worker_count(run.args.workers))
+    for name, table in experiments.improve_tables(results).items():
+        print(f"\n{name}\n{table}")
+        utilities.write_text(run.out / f"improve_{name}.md", table + "\n")
+    if not run.args.no_plots:
+        experiments.plot_improve(results, run.out)
+    print(f"\nimprovement took {results['seconds']:.0f} s")
+    return results, failures
 
 
 def part_three_exploration(run: Run) -> tuple[dict, list[str]]:
@@ -229,9 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="another labelled TSV (part one) or text file (parts two, three) to evaluate on")
     parser.add_argument("--no-plots", action="store_true", help="skip PNG figures and heatmaps")
     parser.add_argument("--save", type=Path, metavar="DIR", help="parts one and two: save the trained model here")
+    parser.add_argument("--audit", action="store_true", help="print the exact-text overlaps between all data splits")
     explore = parser.add_argument_group("part three exploration")
     explore.add_argument("--explore", action="store_true", help="also compare every architecture variant")
     explore.add_argument("--variants", help=f"comma-separated subset of: {', '.join(experiments.VARIANTS)}")
+    explore.add_argument("--improve", action="store_true",
+                         help="also compare baselines, the course model and the best preset (training.PRESETS)")
     explore.add_argument("--seeds", type=int, default=3, help="seeds per variant (from --seed on)")
     explore.add_argument("--workers", type=int, help="worker processes (default: one per core, at most 2)")
     parser.add_argument("--tokenizer", choices=("word", "bpe"), default="word",
@@ -321,6 +341,8 @@ def main(argv=None) -> int:
         run = make_run(args)
         data = run.data
         started = time.perf_counter()
+        if args.audit:
+            print(format_audit(audit(run.data)) + "\n")
         result, failures = PARTS[args.part](run)
         result["seconds"] = time.perf_counter() - started
         result["seed"] = args.seed

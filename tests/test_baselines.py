@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import baselines
-from baselines import KneserNeyTrigram, NaiveBayes, audit, format_audit, stratified_split
+from baselines import KneserNeyTrigram, NaiveBayes, audit, format_audit
 from dataset import LabelledSegments, Speeches, load_speeches
 from tokenizer import WordTokenizer
 
@@ -110,15 +110,6 @@ def test_kneser_ney_perplexity_scores_every_token_after_the_first(toy_lm):
 
 
 # ---------------------------------------------------------------- split and audit
-
-
-def test_stratified_split_keeps_class_proportions_and_is_deterministic():
-    labels = [0] * 50 + [1] * 30 + [2] * 20
-    train, validation = stratified_split(labels, fraction=0.1, seed=3)
-    assert Counter(labels[i] for i in validation) == {0: 5, 1: 3, 2: 2}
-    assert sorted(train + validation) == list(range(100))
-    assert (train, validation) == stratified_split(labels, fraction=0.1, seed=3)
-    assert validation != stratified_split(labels, fraction=0.1, seed=4)[1]
 
 
 def tiny_speeches() -> Speeches:

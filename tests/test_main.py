@@ -205,3 +205,18 @@ def test_generate_from_a_broken_checkpoint_gives_one_line_and_status_2(saved_dec
     (broken / "model.pt").write_bytes(weights[: len(weights) // 2])
     status, _, err = run(capsys, "generate", "--checkpoint", broken, "--prompt", "We will")
     assert status == 2 and "model.pt" in err and len(err.strip().splitlines()) == 1
+
+
+def test_improve_puts_baselines_base_and_best_side_by_side(small_data, tmp_path, capsys):
+    status, out, _ = run(capsys, "--part", "three", "--data-dir", small_data, "--out", tmp_path, "--improve", "--audit",
+                         "--seeds", "2", "--epochs", "2", "--max-iters", "20", "--eval-interval", "10", "--no-plots")
+    assert status == 0, out
+    assert "test_CLS: 120 segments;" in out  # the audit
+    improve = json.loads((tmp_path / "part_three.json").read_text())["improve"]
+    assert set(improve["classifier"]) == {"naive_bayes", "tfidf_logreg", "base", "best"}
+    assert set(improve["lm"]) == {"kneser_ney", "base", "best"}
+    best = improve["classifier"]["best"]
+    assert len(best["test_accuracy"]["values"]) == 2 and 0 <= best["ensemble"]["test_accuracy"] <= 100
+    # the best decoder selects on validation: its best iteration is one of the evaluations
+    assert all(iteration in (10, 20) for iteration in improve["lm"]["best"]["best_iteration"])
+    assert (tmp_path / "improve_classifier.md").read_text().count("\n") == 2 + 6  # header, rule, 6 rows
