@@ -68,8 +68,8 @@ PRESETS = {
         classifier=({"init_std": 0.02, "dropout": 0.1, "feedforward": "gelu", "ff_hidden": 256, "label_smoothing": 0.1},
                     {"batch_size": 32, "learning_rate": 1e-3, "weight_decay": 0.1, "epochs": 30, "warmup_steps": 100,
                      "cosine_decay": True, "validation_fraction": 0.1}),
-        lm=({"init_std": 0.02, "dropout": 0.2, "feedforward": "gelu", "ff_hidden": 256, "tie_embeddings": True},
-            {"batch_size": 32, "learning_rate": 2e-3, "weight_decay": 0.1, "max_iters": 2000, "eval_interval": 100,
+        lm=({"init_std": 0.02, "dropout": 0.3, "feedforward": "gelu", "ff_hidden": 256, "tie_embeddings": True},
+            {"batch_size": 32, "learning_rate": 1e-3, "weight_decay": 0.1, "max_iters": 800, "eval_interval": 100,
              "warmup_steps": 100, "cosine_decay": True, "validation_fraction": 0.1}),
     ),
 }
