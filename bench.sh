@@ -6,10 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")"
 DATA="${1:-speechesdataset}"
 OUT="${BENCH_OUT:-results/bench}"
+mkdir -p "$OUT"
 for part in one two three; do
-  /usr/bin/env time -f "part $part: %e s wall, %M KB peak memory" \
-    python main.py --part "$part" --data-dir "$DATA" --out "$OUT/seed42" > "$OUT.part_$part.log" 2>&1 || { cat "$OUT.part_$part.log"; exit 1; }
-  tail -n 1 "$OUT.part_$part.log"
+  save=(); [ "$part" = two ] && save=(--save "$OUT/decoder")  # the decoder the README's generation examples use
+  /usr/bin/time -f "part $part: %e s wall, %M KB peak memory" -o "$OUT/time_$part.txt" \
+    python main.py --part "$part" --data-dir "$DATA" --out "$OUT/seed42" "${save[@]}" > "$OUT/part_$part.log" 2>&1 \
+    || { cat "$OUT/part_$part.log"; exit 1; }
+  cat "$OUT/time_$part.txt"
 done
 for seed in 43 44; do
   for part in one two; do

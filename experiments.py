@@ -232,6 +232,8 @@ def summarise_improve(run, task: str, reports: list[dict]) -> dict:
         ensemble = torch.tensor([r["probabilities"] for r in reports]).mean(0)
         summary["ensemble"] = {key: value for key, value in training.classifier_report(run, ensemble).items()
                                if key in CLASSIFIER_COLUMNS}
+        if "chosen_epochs" in reports[0]:
+            summary["chosen_epochs"] = [r["chosen_epochs"] for r in reports]
         return summary
     summary["perplexity"] = {name: _spread([r["perplexity"][name] for r in reports]) for name in reports[0]["perplexity"]}
     if "best_iteration" in reports[0]:

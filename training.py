@@ -7,7 +7,7 @@ functions; nothing here knows about argparse.
 import copy
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,9 @@ class TrainingConfig:
     # > 0: hold out this fraction of the training file (stratified for the classifier, the last lines
     # for the language model), evaluate on it, and keep the model from the best evaluation
     validation_fraction: float = 0.0
+    # with a validation split: retrain from scratch on the whole training file for the number of epochs or
+    # iterations that validation chose, so the final model also learns the held-out text
+    refit: bool = False
 
     def validate(self) -> "TrainingConfig":
         for name in ("batch_size", "epochs", "max_iters", "eval_interval"):
@@ -67,10 +70,10 @@ PRESETS = {
     "best": Preset(
         classifier=({"init_std": 0.02, "dropout": 0.1, "feedforward": "gelu", "ff_hidden": 256, "label_smoothing": 0.1},
                     {"batch_size": 32, "learning_rate": 1e-3, "weight_decay": 0.1, "epochs": 30, "warmup_steps": 100,
-                     "cosine_decay": True, "validation_fraction": 0.1}),
+                     "cosine_decay": True, "validation_fraction": 0.1, "refit": True}),
         lm=({"init_std": 0.02, "dropout": 0.3, "feedforward": "gelu", "ff_hidden": 256, "tie_embeddings": True},
             {"batch_size": 32, "learning_rate": 1e-3, "weight_decay": 0.1, "max_iters": 800, "eval_interval": 100,
-             "warmup_steps": 100, "cosine_decay": True, "validation_fraction": 0.1}),
+             "warmup_steps": 100, "cosine_decay": True, "validation_fraction": 0.1, "refit": True}),
     ),
 }
 
@@ -215,6 +218,13 @@ def train_classifier(run: Run, config: TransformerConfig, training: TrainingConf
     started = time.perf_counter()
     epochs = fit(model, batches(), training.epochs * steps_per_epoch, steps_per_epoch, evaluate, training, run.device)
     seconds = time.perf_counter() - started
+    if validation is not None and training.refit:
+        chosen = min(epochs, key=lambda row: row["validation_score"])["epoch"]
+        log(f"validation chose {chosen} epochs: retraining on the whole training file")
+        model, report = train_classifier(run, config, replace(training, epochs=chosen, validation_fraction=0.0,
+                                                              refit=False), seed, log)
+        report.update(selection_epochs=epochs, chosen_epochs=chosen, train_seconds=seconds + report["train_seconds"])
+        return model, report
     report = {"num_parameters": count_parameters(model), "epochs": epochs,
               **classifier_report(run, predict(model, test_ids, run.device)), "train_seconds": seconds}
     return model, report
@@ -290,7 +300,13 @@ def train_language_model(run: Run, config: TransformerConfig, training: Training
     started = time.perf_counter()
     evals = fit(model, batches(), training.max_iters, training.eval_interval, evaluate, training, run.device)
     report = {"num_parameters": count_parameters(model), "evals": evals, "train_seconds": time.perf_counter() - started}
-    if validation_stream is not None:  # the restored best model, evaluated once more
+    if validation_stream is not None and training.refit:
+        chosen = min(evals, key=lambda row: row["validation_score"])["iteration"]
+        log(f"validation chose {chosen} iterations: retraining on the whole of train_LM.txt")
+        refit = replace(training, max_iters=chosen, eval_interval=chosen, validation_fraction=0.0, refit=False)
+        model, final = train_language_model(run, config, refit, seed, log)
+        report.update(final=final["final"], best_iteration=chosen, train_seconds=report["train_seconds"] + final["train_seconds"])
+    elif validation_stream is not None:  # the restored best model, evaluated once more
         best = min(evals, key=lambda row: row["validation_score"])
         report["best_iteration"] = best["iteration"]
         report["final"] = {"validation_perplexity": best["validation_perplexity"],
