@@ -1,7 +1,8 @@
-"""Part three's exploration: every variant one switch away from the base model, measured side by side.
+"""Part three's studies: the exploration (every variant one switch away from the base model) and the
+improvement (non-neural baselines, the course model and the best preset), measured side by side.
 
-Kept apart from main.py, which stays the thin shell; each run here goes through main.py's shared
-train/evaluate functions, so a variant differs from the base model only in its config.
+Kept apart from main.py, which stays the thin shell; every run goes through training.py's shared
+train/evaluate functions in a worker process, so a variant differs from the base model only in its config.
 """
 
 import multiprocessing
