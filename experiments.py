@@ -163,24 +163,35 @@ def exploration_tables(results: dict) -> dict[str, str]:
             for name, r in results["lm"].items()]
     tables["lm"] = utilities.markdown_table(
         ["variant", "parameters", "train s", "train ppl", "obama", "wbush", "hbush", "scores computed"], rows)
-    rows = [[name] + [_cell(r["extrapolation"][length]["obama"]) if "extrapolation" in r else "n/a"
-                      for length in EXTRAPOLATION_LENGTHS]
+    rows = [[name] + [" / ".join(f"{r['extrapolation'][length][n]['mean']:.1f}" for n in ("obama", "wbush", "hbush"))
+                      if "extrapolation" in r else "n/a (positions stop at 32)" for length in EXTRAPOLATION_LENGTHS]
             for name, r in results["lm"].items() if name == "base" or "extrapolation" in r]
     tables["extrapolation"] = utilities.markdown_table(
-        ["decoder (trained on 32)"] + [f"obama ppl @ {n}" for n in EXTRAPOLATION_LENGTHS], rows)
+        ["decoder (trained on 32)"] + [f"ppl obama / wbush / hbush @ {n}" for n in EXTRAPOLATION_LENGTHS], rows)
     return tables
 
 
+def _axis_limit(values: list[float]) -> float:
+    """An axis half-width that shows the typical values: outliers (over 5x the median size) are left to be cut."""
+    sizes = sorted(abs(v) for v in values)
+    typical = [v for v in sizes if v <= 5 * sizes[len(sizes) // 2]] or sizes
+    return 1.2 * max(max(typical), 1e-9)
+
+
 def plot_exploration(results: dict, out: Path):
-    """A bar plot per task and a line plot of perplexity against evaluation length."""
+    """Bars of each variant's change from the base model per task, and perplexity against evaluation length."""
     classifier = results["classifier"]
-    utilities.plot_bars({n: r["test_accuracy"]["mean"] for n, r in classifier.items()},
-                        {n: r["test_accuracy"]["std"] for n, r in classifier.items()},
-                        "test accuracy (%), mean ± std over seeds", "Exploration: classifier", out / "explore_classifier.png")
+    base = classifier["base"]["test_accuracy"]["mean"]
+    change = {n: r["test_accuracy"]["mean"] - base for n, r in classifier.items()}
+    spread = {n: r["test_accuracy"]["std"] for n, r in classifier.items()}
+    utilities.plot_bars(change, spread, "test accuracy minus the base model's (points; bars: std over seeds)",
+                        "Exploration: classifier", out / "explore_classifier.png",
+                        limit=_axis_limit([abs(change[n]) + spread[n] for n in change]))
     lm = results["lm"]
     mean_ppl = {n: statistics.mean(p["mean"] for p in r["perplexity"].values()) for n, r in lm.items()}
-    utilities.plot_bars(mean_ppl, None, "mean test perplexity over the three files (lower is better)",
-                        "Exploration: decoder", out / "explore_lm.png")
+    change = {n: 100 * (value / mean_ppl["base"] - 1) for n, value in mean_ppl.items()}
+    utilities.plot_bars(change, None, "change of the mean test perplexity from the base model's (%; lower is better)",
+                        "Exploration: decoder", out / "explore_lm.png", limit=_axis_limit(list(change.values())))
     series = {n: (list(EXTRAPOLATION_LENGTHS), [statistics.mean(v["mean"] for v in r["extrapolation"][k].values())
                                                 for k in EXTRAPOLATION_LENGTHS])
               for n, r in lm.items() if "extrapolation" in r}
@@ -196,6 +207,7 @@ def explore(args, variants: list[str], seeds: int, workers: int, log=print) -> t
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    variants = ["base"] + [v for v in variants if v != "base"]  # every variant is compared with the base model
     jobs = [Job(task, variant, args.seed + offset, VARIANTS[variant][0], args.preset,
                 heatmap=offset == 0 and variant in HEATMAP_VARIANTS and not args.no_plots,
                 extrapolate=task == "lm" and variant in EXTRAPOLATING)

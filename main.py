@@ -143,7 +143,8 @@ def part_two(run: Run) -> tuple[dict, list[str]]:
               "extra": extra_perplexity(run, model)}
     print(f"parameters: {report['num_parameters']:,}   vocabulary: {run.tokenizer.vocab_size:,} ({run.args.tokenizer})")
     if "best_iteration" in report:
-        print(f"restored the best model on validation (iteration {report['best_iteration']}): test perplexity "
+        how = "retrained on all of train_LM.txt up to it" if report.get("refit") else "restored that model"
+        print(f"validation chose iteration {report['best_iteration']}, {how}: test perplexity "
               + ", ".join(f"{k} {v:.2f}" for k, v in report["final"]["perplexity"].items()))
     if "word_perplexity" in report["evals"][-1]:
         print("word-level perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in report["evals"][-1]["word_perplexity"].items()))
@@ -249,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--audit", action="store_true", help="print the exact-text overlaps between all data splits")
     explore = parser.add_argument_group("part three exploration")
     explore.add_argument("--explore", action="store_true", help="also compare every architecture variant")
-    explore.add_argument("--variants", help=f"comma-separated subset of: {', '.join(experiments.VARIANTS)}")
+    explore.add_argument("--variants", help=f"comma-separated subset of: {', '.join(experiments.VARIANTS)} (base always runs)")
     explore.add_argument("--improve", action="store_true",
                          help="also compare baselines, the course model and the best preset (training.PRESETS)")
     explore.add_argument("--seeds", type=int, default=3, help="seeds per variant (from --seed on)")

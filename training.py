@@ -41,13 +41,17 @@ class TrainingConfig:
     # > 0: hold out this fraction of the training file (stratified for the classifier, the last lines
     # for the language model), evaluate on it, and keep the model from the best evaluation
     validation_fraction: float = 0.0
-    # with a validation split: retrain from scratch on the whole training file for the number of epochs or
-    # iterations that validation chose, so the final model also learns the held-out text
+    # with a validation split: retrain from scratch on the whole training file, under the same schedule, up to
+    # the epoch or iteration that validation chose, so the final model also learns the held-out text
     refit: bool = False
+    # stop after this many epochs (classifier) or iterations (language model) of the schedule planned for
+    # `epochs` / `max_iters`; None: run it all. The refit uses it, so that its learning rate at each step is the
+    # one of the selection run (a schedule squeezed into fewer steps decays sooner and undertrains)
+    stop_after: int | None = None
 
     def validate(self) -> "TrainingConfig":
-        for name in ("batch_size", "epochs", "max_iters", "eval_interval"):
-            if getattr(self, name) < 1:
+        for name in ("batch_size", "epochs", "max_iters", "eval_interval", "stop_after"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning rate must be positive, got {self.learning_rate}")
@@ -110,14 +114,17 @@ def make_optimizer(model, training: TrainingConfig, total_steps: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def fit(model, batches, steps: int, eval_every: int, evaluate, training: TrainingConfig, device) -> list[dict]:
-    """Train for `steps` batches; every `eval_every` steps call evaluate(step, steps_since_last_eval),
-    where each step is (loss, number of correct argmax predictions, number of targets).
+def fit(model, batches, steps: int, eval_every: int, evaluate, training: TrainingConfig, device,
+        count_correct: bool = True, stop_after: int | None = None) -> list[dict]:
+    """Train for `steps` batches (or the first `stop_after` of them, under the schedule planned for `steps`);
+    every `eval_every` steps and at the last, call evaluate(step, steps_since_last_eval),
+    where each step is (loss, number of correct argmax predictions or 0 without count_correct, number of targets).
     If evaluate's rows carry "validation_score" (lower is better), the best model is restored at the end."""
     optimizer, schedule = make_optimizer(model, training, steps)
     history, running, best = [], [], None
     model.train()
-    for step in range(1, steps + 1):
+    last = min(steps, stop_after or steps)
+    for step in range(1, last + 1):
         inputs, targets = next(batches)
         inputs, targets = inputs.to(device), targets.to(device)
         output = model(inputs, targets)
@@ -125,9 +132,10 @@ def fit(model, batches, steps: int, eval_every: int, evaluate, training: Trainin
         output.loss.backward()
         optimizer.step()
         schedule.step()
-        correct = (output.logits.detach().argmax(-1) == targets).sum()
-        running.append((output.loss.item(), correct.item(), targets.numel()))
-        if step % eval_every == 0 or step == steps:
+        # an argmax over the decoder's (B, T, vocabulary) logits costs ~7% of its step: only when asked for
+        correct = (output.logits.detach().argmax(-1) == targets).sum().item() if count_correct else 0
+        running.append((output.loss.item(), correct, targets.numel()))
+        if step % eval_every == 0 or step == last:
             model.eval()
             history.append(evaluate(step, running))
             score = history[-1].get("validation_score")
@@ -216,13 +224,15 @@ def train_classifier(run: Run, config: TransformerConfig, training: TrainingConf
 
     log("epoch | train loss | train acc | test acc" + (" | val acc" if validation is not None else ""))
     started = time.perf_counter()
-    epochs = fit(model, batches(), training.epochs * steps_per_epoch, steps_per_epoch, evaluate, training, run.device)
+    stop_after = training.stop_after * steps_per_epoch if training.stop_after else None
+    epochs = fit(model, batches(), training.epochs * steps_per_epoch, steps_per_epoch, evaluate, training, run.device,
+                 stop_after=stop_after)
     seconds = time.perf_counter() - started
     if validation is not None and training.refit:
         chosen = min(epochs, key=lambda row: row["validation_score"])["epoch"]
         log(f"validation chose {chosen} epochs: retraining on the whole training file")
-        model, report = train_classifier(run, config, replace(training, epochs=chosen, validation_fraction=0.0,
-                                                              refit=False), seed, log)
+        refit = replace(training, stop_after=chosen, validation_fraction=0.0, refit=False)
+        model, report = train_classifier(run, config, refit, seed, log)
         report.update(selection_epochs=epochs, chosen_epochs=chosen, train_seconds=seconds + report["train_seconds"])
         return model, report
     report = {"num_parameters": count_parameters(model), "epochs": epochs,
@@ -298,14 +308,16 @@ def train_language_model(run: Run, config: TransformerConfig, training: Training
 
     log("iteration | train ppl |    obama |    wbush |    hbush" + (" |  val ppl" if validation_stream is not None else ""))
     started = time.perf_counter()
-    evals = fit(model, batches(), training.max_iters, training.eval_interval, evaluate, training, run.device)
+    evals = fit(model, batches(), training.max_iters, training.eval_interval, evaluate, training, run.device,
+                count_correct=False, stop_after=training.stop_after)
     report = {"num_parameters": count_parameters(model), "evals": evals, "train_seconds": time.perf_counter() - started}
     if validation_stream is not None and training.refit:
         chosen = min(evals, key=lambda row: row["validation_score"])["iteration"]
         log(f"validation chose {chosen} iterations: retraining on the whole of train_LM.txt")
-        refit = replace(training, max_iters=chosen, eval_interval=chosen, validation_fraction=0.0, refit=False)
+        refit = replace(training, stop_after=chosen, eval_interval=chosen, validation_fraction=0.0, refit=False)
         model, final = train_language_model(run, config, refit, seed, log)
-        report.update(final=final["final"], best_iteration=chosen, train_seconds=report["train_seconds"] + final["train_seconds"])
+        report.update(final=final["final"], best_iteration=chosen, refit=True,
+                      train_seconds=report["train_seconds"] + final["train_seconds"])
     elif validation_stream is not None:  # the restored best model, evaluated once more
         best = min(evals, key=lambda row: row["validation_score"])
         report["best_iteration"] = best["iteration"]

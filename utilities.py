@@ -121,11 +121,21 @@ def plot_curves(series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, 
     return save_figure(figure, path)
 
 
-def plot_bars(values: dict[str, float], errors: dict[str, float] | None, ylabel: str, title: str, path: Path) -> Path:
-    """Horizontal bar plot with optional error bars."""
+def plot_bars(values: dict[str, float], errors: dict[str, float] | None, ylabel: str, title: str, path: Path,
+              limit: float | None = None) -> Path:
+    """Horizontal bar plot with optional error bars; with `limit`, bars beyond +-limit are cut there and labelled,
+    so that one outlier does not flatten the others."""
     names = list(values)
+    shown = [max(-limit, min(limit, values[n])) if limit else values[n] for n in names]
     figure, axes = plt.subplots(figsize=(7, 0.9 + 0.35 * len(names)))
-    axes.barh(names, [values[n] for n in names], xerr=[errors[n] for n in names] if errors else None, capsize=3)
+    axes.barh(names, shown, xerr=[errors[n] for n in names] if errors else None, capsize=3)
+    for row, name in enumerate(names):
+        if limit and abs(values[name]) > limit:
+            axes.text(shown[row], row, f" {values[name]:+.0f} ", va="center", ha="right" if shown[row] > 0 else "left",
+                      color="white", fontsize=9)
+    if limit:
+        axes.set_xlim(-1.1 * limit, 1.1 * limit)
+        axes.axvline(0, color="black", linewidth=0.8)
     axes.invert_yaxis()
     axes.set_xlabel(ylabel)
     axes.set_title(title)
@@ -138,9 +148,11 @@ def plot_bars(values: dict[str, float], errors: dict[str, float] | None, ylabel:
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
-    """A Markdown table; floats get two decimals."""
+    """A Markdown table; floats get two decimals, integers thousands separators."""
     def cell(value):
-        return f"{value:.2f}" if isinstance(value, float) else str(value)
+        if isinstance(value, float):
+            return f"{value:.2f}"
+        return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)

@@ -53,6 +53,24 @@ def test_part_three_compares_absolute_and_alibi_with_plots(small_data, tmp_path,
     assert len(heatmaps) == 4 * 2  # every layer and head
 
 
+def test_best_preset_selects_on_validation_then_refits_on_everything(small_data, tmp_path, capsys):
+    status, out, _ = run(capsys, "--part", "two", "--data-dir", small_data, "--out", tmp_path, "--preset", "best",
+                         "--max-iters", "40", "--eval-interval", "20", *FAST)
+    assert status == 0, out
+    result = json.loads((tmp_path / "part_two.json").read_text())
+    assert [row["iteration"] for row in result["evals"]] == [20, 40]  # the selection run, with validation
+    chosen = min(result["evals"], key=lambda row: row["validation_perplexity"])["iteration"]
+    assert result["best_iteration"] == chosen and result["refit"]
+    assert "retrained on all of train_LM.txt" in out
+    status, out, _ = run(capsys, "--part", "one", "--data-dir", small_data, "--out", tmp_path, "--preset", "best",
+                         "--epochs", "3", *FAST)
+    assert status == 0, out
+    result = json.loads((tmp_path / "part_one.json").read_text())
+    best = max(result["selection_epochs"], key=lambda row: row["validation_accuracy"])
+    assert result["chosen_epochs"] == best["epoch"]
+    assert [row["epoch"] for row in result["epochs"]] == list(range(1, best["epoch"] + 1))  # the refit stops there
+
+
 def test_same_seed_gives_identical_numbers(small_data, tmp_path, capsys):
     results = []
     for attempt in range(2):

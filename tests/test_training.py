@@ -41,3 +41,30 @@ def test_early_stopping_restores_the_best_validation_weights():
     for key, value in model.state_dict().items():
         assert torch.equal(value, snapshots[1][key])
     assert not torch.equal(snapshots[1]["lm_head.weight"], snapshots[3]["lm_head.weight"])
+
+
+def test_stop_after_follows_the_full_schedule_up_to_that_step():
+    """A run stopped after k of n steps ends where the full n-step run stood at step k (same rates, same batches),
+    not where a k-step schedule (which decays sooner) would."""
+    training = TrainingConfig(learning_rate=1e-2, warmup_steps=2, cosine_decay=True)
+
+    def train(steps, stop_after=None):
+        model = tiny_model()
+        generator = torch.Generator().manual_seed(0)
+        batches = iter(lambda: (torch.randint(0, 20, (4, 8), generator=generator),) * 2, None)
+        states = []
+
+        def evaluate(step, recent):
+            states.append({k: v.clone() for k, v in model.state_dict().items()})
+            return {"step": step}
+
+        history = fit(model, batches, steps, 1, evaluate, training, torch.device("cpu"), stop_after=stop_after)
+        return history, states
+
+    _, full_states = train(10)
+    stopped_history, stopped_states = train(10, stop_after=6)
+    _, squeezed_states = train(6)
+    assert [row["step"] for row in stopped_history] == [1, 2, 3, 4, 5, 6]
+    for key, value in stopped_states[-1].items():
+        assert torch.equal(value, full_states[5][key])
+    assert not torch.equal(stopped_states[-1]["lm_head.weight"], squeezed_states[-1]["lm_head.weight"])

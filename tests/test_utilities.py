@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from utilities import atomic_write, check_attention, write_json
+from utilities import atomic_write, check_attention, markdown_table, write_json
 
 
 def uniform_causal(T):
@@ -40,3 +40,8 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
         atomic_write(path, crash)
     assert json.loads(path.read_text()) == {"accuracy": 80}
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # no temporary left behind
+
+
+def test_markdown_table_formats_floats_and_integers():
+    table = markdown_table(["name", "count", "score", "flag"], [["a", 1234567, 0.5, True]])
+    assert table.splitlines() == ["| name | count | score | flag |", "|---|---|---|---|", "| a | 1,234,567 | 0.50 | True |"]
