@@ -72,7 +72,9 @@ class Preset:
 PRESETS = {
     "base": Preset(),
     "best": Preset(
-        classifier=({"init_std": 0.02, "dropout": 0.1, "feedforward": "gelu", "ff_hidden": 256, "label_smoothing": 0.1},
+        # the classifier drops position embeddings and uses SwiGLU (a validation sweep over the exploration's winners)
+        classifier=({"init_std": 0.02, "dropout": 0.1, "feedforward": "swiglu", "ff_hidden": 256, "position": "none",
+                     "label_smoothing": 0.1},
                     {"batch_size": 32, "learning_rate": 1e-3, "weight_decay": 0.1, "epochs": 30, "warmup_steps": 100,
                      "cosine_decay": True, "validation_fraction": 0.1, "refit": True}),
         lm=({"init_std": 0.02, "dropout": 0.3, "feedforward": "gelu", "ff_hidden": 256, "tie_embeddings": True},
