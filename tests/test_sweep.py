@@ -1,0 +1,44 @@
+"""The second-round sweep: its candidates compose with the first round as the README says, and it runs."""
+
+import re
+from types import SimpleNamespace
+
+import pytest
+
+import main
+import sweep
+
+
+@pytest.fixture
+def run():
+    return SimpleNamespace(args=main.build_parser().parse_args(["--part", "one"]), tokenizer=SimpleNamespace(vocab_size=100))
+
+
+def test_preset_is_the_sweep_winner_on_top_of_the_first_round(run):
+    preset = main.model_config(run, "classifier", preset="best")
+    winner = main.model_config(run, "classifier", preset="best",
+                               **{**sweep.FIRST_ROUND["classifier"], **sweep.CANDIDATES["no-position+swiglu"]})
+    first_round = main.model_config(run, "classifier", preset="best", **sweep.FIRST_ROUND["classifier"])
+    assert winner == preset
+    assert (first_round.feedforward, first_round.position) == ("gelu", "learned")
+    assert main.model_config(run, "lm", preset="best", **sweep.FIRST_ROUND["lm"]) == main.model_config(run, "lm", preset="best")
+
+
+def test_sweep_reports_validation_only(small_data, capsys):
+    assert sweep.main_sweep(["--data-dir", str(small_data), "--task", "classifier", "--candidates", "none"]) == 0
+    out = capsys.readouterr().out
+    match = re.fullmatch(r"classifier none +seed 42: best validation acc % ([\d.]+) at (\d+)\n", out)
+    assert match and 0 <= float(match[1]) <= 100 and 1 <= int(match[2]) <= 30
+    assert "test" not in out
+
+
+@pytest.mark.parametrize("argv", [["--candidates", "foo"], ["--seeds", "x"]])
+def test_sweep_rejects_bad_options(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main_sweep(["--task", "lm", *argv])
+    assert exit_info.value.code == 2
+
+
+def test_sweep_names_a_missing_data_folder(tmp_path, capsys):
+    assert sweep.main_sweep(["--task", "lm", "--data-dir", str(tmp_path / "nope")]) == 2
+    assert "data folder not found" in capsys.readouterr().err
