@@ -32,16 +32,19 @@ CANDIDATES = {
 }
 
 
+# task -> (train function, its evaluation rows, the step of a row, the validation figure of a row)
+TASKS = {"classifier": (training.train_classifier, "epochs", "epoch", "validation_accuracy"),
+         "lm": (training.train_language_model, "evals", "iteration", "validation_perplexity")}
+
+
 def best_validation(run, task: str, changes: dict, seed: int) -> tuple[int, float]:
     """(epoch or iteration, validation figure) of the best evaluation of one selection run."""
     config = main.model_config(run, task, preset="best", **{**FIRST_ROUND[task], **changes})
     settings = replace(main.training_config(run, task, preset="best"), refit=False)
-    quiet = lambda *a, **k: None  # noqa: E731
-    if task == "lm":
-        _, report = training.train_language_model(run, config, settings, seed, log=quiet)
-        return min(((row["iteration"], row["validation_perplexity"]) for row in report["evals"]), key=lambda r: r[1])
-    _, report = training.train_classifier(run, config, settings, seed, log=quiet)
-    return max(((row["epoch"], row["validation_accuracy"]) for row in report["epochs"]), key=lambda r: r[1])
+    train, rows, step, figure = TASKS[task]
+    _, report = train(run, config, settings, seed, log=lambda *a, **k: None)
+    best = training.best_evaluation(report[rows])
+    return best[step], best[figure]
 
 
 def seed_list(text: str) -> list[int]:
@@ -55,7 +58,7 @@ def seed_list(text: str) -> list[int]:
 def main_sweep(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=Path("speechesdataset"))
-    parser.add_argument("--task", choices=("classifier", "lm"), required=True)
+    parser.add_argument("--task", choices=TASKS, required=True)
     parser.add_argument("--seeds", type=seed_list, default=[42], help="comma-separated seeds (default 42)")
     parser.add_argument("--candidates", default=",".join(CANDIDATES), help=f"comma-separated subset of: {', '.join(CANDIDATES)}")
     args = parser.parse_args(argv)

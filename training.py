@@ -151,6 +151,11 @@ def fit(model, batches, steps: int, eval_every: int, evaluate, training: Trainin
     return history
 
 
+def best_evaluation(history: list[dict]) -> dict:
+    """The first evaluation row with the lowest validation_score: the one fit() restores."""
+    return min(history, key=lambda row: row["validation_score"])
+
+
 # ---------------------------------------------------------------- classifier
 
 
@@ -231,7 +236,7 @@ def train_classifier(run: Run, config: TransformerConfig, training: TrainingConf
                  stop_after=stop_after)
     seconds = time.perf_counter() - started
     if validation is not None and training.refit:
-        chosen = min(epochs, key=lambda row: row["validation_score"])["epoch"]
+        chosen = best_evaluation(epochs)["epoch"]
         log(f"validation chose {chosen} epochs: retraining on the whole training file")
         refit = replace(training, stop_after=chosen, validation_fraction=0.0, refit=False)
         model, report = train_classifier(run, config, refit, seed, log)
@@ -314,14 +319,14 @@ def train_language_model(run: Run, config: TransformerConfig, training: Training
                 count_correct=False, stop_after=training.stop_after)
     report = {"num_parameters": count_parameters(model), "evals": evals, "train_seconds": time.perf_counter() - started}
     if validation_stream is not None and training.refit:
-        chosen = min(evals, key=lambda row: row["validation_score"])["iteration"]
+        chosen = best_evaluation(evals)["iteration"]
         log(f"validation chose {chosen} iterations: retraining on the whole of train_LM.txt")
         refit = replace(training, stop_after=chosen, eval_interval=chosen, validation_fraction=0.0, refit=False)
         model, final = train_language_model(run, config, refit, seed, log)
         report.update(final=final["final"], best_iteration=chosen, refit=True,
                       train_seconds=report["train_seconds"] + final["train_seconds"])
     elif validation_stream is not None:  # the restored best model, evaluated once more
-        best = min(evals, key=lambda row: row["validation_score"])
+        best = best_evaluation(evals)
         report["best_iteration"] = best["iteration"]
         report["final"] = {"validation_perplexity": best["validation_perplexity"],
                            "perplexity": {name: perplexity(model, stream, config.block_size, run.device)
