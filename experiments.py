@@ -57,11 +57,8 @@ _WORKER = {}
 
 def _init_worker(args):
     """Each worker reads the data once and trains on one thread, so two workers fill two cores."""
-    import main  # main.py imports this module; importing it back here, inside the worker, avoids a cycle
-
     torch.set_num_threads(1)
-    _WORKER["run"] = main.make_run(args)
-    _WORKER["main"] = main
+    _WORKER["run"] = training.make_run(args)
 
 
 @dataclass
@@ -79,9 +76,9 @@ class Job:
 
 def _train_one(job: Job) -> tuple[Job, dict]:
     """Train one job in a worker; return its report (final figures, test probabilities, check failures)."""
-    main, run = _WORKER["main"], _WORKER["run"]
-    config = main.model_config(run, job.task, preset=job.preset, **job.changes)
-    settings = main.training_config(run, job.task, preset=job.preset)
+    run = _WORKER["run"]
+    config = training.model_config(run, job.task, preset=job.preset, **job.changes)
+    settings = training.training_config(run, job.task, preset=job.preset)
     quiet = lambda *a, **k: None  # noqa: E731
     prefix = f"{job.preset}_{'encoder' if job.task == 'classifier' else 'decoder'}_{job.name}"
     if job.task == "classifier":
@@ -89,15 +86,16 @@ def _train_one(job: Job) -> tuple[Job, dict]:
         report.pop("epochs")
         ids, _ = training.classifier_tensors(run, run.data.test_cls, config.block_size)
         report["probabilities"] = training.predict(model, ids, run.device).tolist()  # for seed ensembles
-        report["attention_failures"] = main.attention_check(run, model, run.data.test_cls.texts[0], False, prefix,
-                                                            job.heatmap)
+        report["attention_failures"] = utilities.attention_check(
+            model, run.tokenizer, run.data.test_cls.texts[0], False, run.device, run.heatmap_dir if job.heatmap else None, prefix)
         return job, report
     if settings.validation_fraction == 0:  # nothing to select on: evaluate once, at the end
         settings = replace(settings, eval_interval=settings.max_iters)
     model, report = training.train_language_model(run, config, settings, job.seed, log=quiet)
     report["train_perplexity"] = report["evals"][-1]["train_perplexity"]
     report["perplexity"] = report.pop("final")["perplexity"]
-    report["attention_failures"] = main.attention_check(run, model, run.data.test_lm["obama"], True, prefix, job.heatmap)
+    report["attention_failures"] = utilities.attention_check(
+        model, run.tokenizer, run.data.test_lm["obama"], True, run.device, run.heatmap_dir if job.heatmap else None, prefix)
     if job.extrapolate:
         report["extrapolation"] = {
             length: {name: training.perplexity(model, training.encode_stream(run, text), length, run.device)

@@ -3,17 +3,17 @@
 import argparse
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 import experiments
+import training
 import utilities
 from baselines import audit, format_audit
-from dataset import DataError, load_speeches, read_labelled_segments, read_text
+from dataset import DataError, read_labelled_segments, read_text
 from generation import STRATEGIES, generate
-from tokenizer import PAD_ID, SPECIALS, UNK_ID, ByteBPETokenizer, WordTokenizer, tokenizer_from_json
+from tokenizer import PAD_ID, SPECIALS, UNK_ID, WordTokenizer, tokenizer_from_json
 from training import (
     PRESETS,
     Run,
@@ -21,62 +21,22 @@ from training import (
     accuracy,
     classifier_tensors,
     encode_stream,
+    model_config,
     perplexity,
     predict,
     train_classifier,
     train_language_model,
+    training_config,
 )
 from transformer import TransformerConfig
-
-# ---------------------------------------------------------------- attention sanity checks
-
-
-def attention_check(run: Run, model, text: str, causal: bool, prefix: str, save: bool = True) -> list[str]:
-    """Run one sentence through the model, check every attention map, save the heatmaps."""
-    block_size = model.config.block_size
-    ids = run.tokenizer.encode(text)[:block_size]
-    tokens = [run.tokenizer.itos[i] for i in ids]
-    if not causal:  # pad the encoder's input so the padding mask is exercised too
-        padded = ids + [model.config.pad_id] * (block_size - len(ids))
-        inputs = torch.tensor([padded])
-    else:
-        inputs = torch.tensor([ids])
-    with torch.no_grad():
-        attentions = model(inputs.to(run.device), return_attention=True).attentions
-    key_mask = inputs != model.config.pad_id if not causal else None
-    if not causal and model.config.pooling == "cls":
-        key_mask = torch.cat([torch.ones(1, 1, dtype=torch.bool), key_mask], dim=1)
-        tokens = ["[CLS]"] + tokens
-    failures = utilities.check_attention([a.cpu() for a in attentions], causal, key_mask)
-    if save and not run.args.no_plots:
-        utilities.save_attention_heatmaps(attentions, tokens, run.out / "attention", prefix)
-    return [f"{prefix}: {failure}" for failure in failures]
-
 
 # ---------------------------------------------------------------- the parts
 
 
-MODEL_FLAGS = ("block_size", "n_embd", "n_head", "n_layer", "ff_hidden")
-TRAINING_FLAGS = ("batch_size", "learning_rate", "epochs", "max_iters", "eval_interval")
-
-
-def flags(args, names) -> dict:
-    """The options among `names` given on the command line (None means: not given)."""
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-
-
-def model_config(run: Run, task: str, preset: str | None = None, **changes) -> TransformerConfig:
-    """The course base model, then the preset's changes for `task` (default --preset), the size flags given,
-    then `changes`."""
-    preset = getattr(PRESETS[preset or run.args.preset], task)[0]
-    config = TransformerConfig(vocab_size=run.tokenizer.vocab_size)
-    return replace(config, **{**preset, **flags(run.args, MODEL_FLAGS), **changes}).validate()
-
-
-def training_config(run: Run, task: str, preset: str | None = None) -> TrainingConfig:
-    """The course training, then the preset's changes for `task` (default --preset), then the training flags given."""
-    preset = getattr(PRESETS[preset or run.args.preset], task)[1]
-    return replace(TrainingConfig(), **{**preset, **flags(run.args, TRAINING_FLAGS)}).validate()
+def check_attention(run: Run, model, causal: bool, prefix: str) -> list[str]:
+    """The attention sanity checks (and heatmaps) on the first test segment or the Obama test text."""
+    text = run.data.test_lm["obama"] if causal else run.data.test_cls.texts[0]
+    return utilities.attention_check(model, run.tokenizer, text, causal, run.device, run.heatmap_dir, prefix)
 
 
 def extra_accuracy(run: Run, model) -> dict:
@@ -105,7 +65,7 @@ def save_model(run: Run, model, task: str, metrics: dict):
 def part_one(run: Run) -> tuple[dict, list[str]]:
     """Encoder + classifier: per-epoch table, final, seen and unseen test accuracy."""
     model, report = train_classifier(run, model_config(run, "classifier"), training_config(run, "classifier"), run.args.seed)
-    failures = attention_check(run, model, run.data.test_cls.texts[0], causal=False, prefix="part1_encoder")
+    failures = check_attention(run, model, False, "part1_encoder")
     result = {"vocab_size": run.tokenizer.vocab_size, "tokenizer": run.args.tokenizer, **report,
               "extra": extra_accuracy(run, model)}
     print(f"parameters: {report['num_parameters']:,}   vocabulary: {run.tokenizer.vocab_size:,}")
@@ -138,7 +98,7 @@ def plot_perplexities(run: Run, reports: dict, path: Path, title: str):
 def part_two(run: Run) -> tuple[dict, list[str]]:
     """Decoder language model: perplexity every eval_interval iterations."""
     model, report = train_language_model(run, model_config(run, "lm"), training_config(run, "lm"), run.args.seed)
-    failures = attention_check(run, model, run.data.test_lm["obama"], causal=True, prefix="part2_decoder")
+    failures = check_attention(run, model, True, "part2_decoder")
     result = {"vocab_size": run.tokenizer.vocab_size, "tokenizer": run.args.tokenizer, **report,
               "extra": extra_perplexity(run, model)}
     print(f"parameters: {report['num_parameters']:,}   vocabulary: {run.tokenizer.vocab_size:,} ({run.args.tokenizer})")
@@ -163,13 +123,13 @@ def part_three(run: Run) -> tuple[dict, list[str]]:
     for name, position in (("absolute", "learned"), ("alibi", "alibi")):
         print(f"\n== decoder, {name} positions")
         model, report = train_language_model(run, model_config(run, "lm", position=position), training_config(run, "lm"), seed)
-        failures += attention_check(run, model, run.data.test_lm["obama"], causal=True, prefix=f"part3_decoder_{name}")
+        failures += check_attention(run, model, True, f"part3_decoder_{name}")
         result["lm"][name] = {"vocab_size": run.tokenizer.vocab_size, **report, "extra": extra_perplexity(run, model)}
     for name, position in (("absolute", "learned"), ("alibi", "alibi")):
         print(f"\n== classifier, {name} positions")
         config = model_config(run, "classifier", position=position)
         model, report = train_classifier(run, config, training_config(run, "classifier"), seed)
-        failures += attention_check(run, model, run.data.test_cls.texts[0], causal=False, prefix=f"part3_encoder_{name}")
+        failures += check_attention(run, model, False, f"part3_encoder_{name}")
         result["classifier"][name] = {key: report[key] for key in
                                       ("num_parameters", "test_accuracy", "test_accuracy_seen", "test_accuracy_unseen")}
         result["classifier"][name]["extra"] = extra_accuracy(run, model)
@@ -261,35 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=PRESETS, default="base",
                         help="named settings (training.PRESETS): base is the course's; flags below override it")
     sizes = parser.add_argument_group("model (default: the preset's; base = the course's)")
-    for name in MODEL_FLAGS:
+    for name in training.MODEL_FLAGS:
         sizes.add_argument("--" + name.replace("_", "-"), type=int, help=f"base: {getattr(base, name)}")
     optimisation = parser.add_argument_group("training (default: the preset's; base = the course's)")
-    for name in TRAINING_FLAGS:
+    for name in training.TRAINING_FLAGS:
         kind = float if name == "learning_rate" else int
         optimisation.add_argument("--" + name.replace("_", "-"), type=kind, help=f"base: {getattr(course, name)}")
     return parser
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as error:
-        raise ValueError(f"device {name!r} is not usable here: {str(error).splitlines()[0]}") from None
-    return device
-
-
-def make_run(args) -> Run:
-    """Read the data and build the vocabulary once for a whole command."""
-    if args.seeds < 1:
-        raise ValueError(f"--seeds must be positive, got {args.seeds}")
-    device = resolve_device(args.device)
-    data = load_speeches(args.data_dir)
-    words = WordTokenizer.from_texts(data.vocabulary_texts())
-    tokenizer = words if args.tokenizer == "word" else ByteBPETokenizer.from_texts(data.vocabulary_texts(), args.bpe_vocab)
-    return Run(args, data, tokenizer, device, args.out, words)
 
 
 def build_generate_parser() -> argparse.ArgumentParser:
@@ -339,7 +277,7 @@ def main(argv=None) -> int:
         return generate_command(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        run = make_run(args)
+        run = training.make_run(args)
         data = run.data
         started = time.perf_counter()
         if args.audit:

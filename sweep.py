@@ -39,8 +39,8 @@ TASKS = {"classifier": (training.train_classifier, "epochs", "epoch", "validatio
 
 def best_validation(run, task: str, changes: dict, seed: int) -> tuple[int, float]:
     """(epoch or iteration, validation figure) of the best evaluation of one selection run."""
-    config = main.model_config(run, task, preset="best", **{**FIRST_ROUND[task], **changes})
-    settings = replace(main.training_config(run, task, preset="best"), refit=False)
+    config = training.model_config(run, task, preset="best", **{**FIRST_ROUND[task], **changes})
+    settings = replace(training.training_config(run, task, preset="best"), refit=False)
     train, rows, step, figure = TASKS[task]
     _, report = train(run, config, settings, seed, log=lambda *a, **k: None)
     best = training.best_evaluation(report[rows])
@@ -68,7 +68,7 @@ def main_sweep(argv=None) -> int:
         parser.error(f"unknown candidate {unknown[0]!r}")
     torch.set_num_threads(1)  # as the --improve workers train
     try:
-        run = main.make_run(main.build_parser().parse_args(["--part", "two", "--data-dir", str(args.data_dir)]))
+        run = training.make_run(main.build_parser().parse_args(["--part", "two", "--data-dir", str(args.data_dir)]))
     except DataError as error:
         print(f"sweep.py: error: {error}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ from dataset import (
     LabelledSegments,
     consecutive_windows,
     encode_segments,
+    load_speeches,
     random_windows,
     shuffled_batches,
     split_lines,
@@ -94,6 +95,61 @@ class Run:
     device: torch.device
     out: object
     words: WordTokenizer  # counts words for word-level perplexity, whatever the model's tokenizer
+
+    @property
+    def heatmap_dir(self):
+        """Where attention heatmaps go; None with --no-plots."""
+        return None if self.args.no_plots else self.out / "attention"
+
+
+# ---------------------------------------------------------------- a command's run: device, data, configs
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for --device (auto: CUDA if present, else CPU); an unusable one raises ValueError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise ValueError(f"device {name!r} is not usable here: {str(error).splitlines()[0]}") from None
+    return device
+
+
+def make_run(args) -> Run:
+    """Read the data and build the vocabulary once for a whole command."""
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be positive, got {args.seeds}")
+    device = resolve_device(args.device)
+    data = load_speeches(args.data_dir)
+    words = WordTokenizer.from_texts(data.vocabulary_texts())
+    tokenizer = words if args.tokenizer == "word" else ByteBPETokenizer.from_texts(data.vocabulary_texts(), args.bpe_vocab)
+    return Run(args, data, tokenizer, device, args.out, words)
+
+
+MODEL_FLAGS = ("block_size", "n_embd", "n_head", "n_layer", "ff_hidden")
+TRAINING_FLAGS = ("batch_size", "learning_rate", "epochs", "max_iters", "eval_interval")
+
+
+def flags(args, names) -> dict:
+    """The options among `names` given on the command line (None means: not given)."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def model_config(run: Run, task: str, preset: str | None = None, **changes) -> TransformerConfig:
+    """The course base model, then the preset's changes for `task` (default --preset), the size flags given,
+    then `changes`."""
+    preset = getattr(PRESETS[preset or run.args.preset], task)[0]
+    config = TransformerConfig(vocab_size=run.tokenizer.vocab_size)
+    return replace(config, **{**preset, **flags(run.args, MODEL_FLAGS), **changes}).validate()
+
+
+def training_config(run: Run, task: str, preset: str | None = None) -> TrainingConfig:
+    """The course training, then the preset's changes for `task` (default --preset), then the training flags given."""
+    preset = getattr(PRESETS[preset or run.args.preset], task)[1]
+    return replace(TrainingConfig(), **{**preset, **flags(run.args, TRAINING_FLAGS)}).validate()
+
 
 
 # ---------------------------------------------------------------- the shared training loop

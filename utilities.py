@@ -81,6 +81,27 @@ def check_attention(attentions, causal: bool, key_mask=None, tolerance: float = 
     return failures
 
 
+
+def attention_check(model, tokenizer, text: str, causal: bool, device, heatmap_dir: Path | None, prefix: str) -> list[str]:
+    """Run one sentence through the model, check every attention map, save the heatmaps (unless heatmap_dir is None)."""
+    block_size = model.config.block_size
+    ids = tokenizer.encode(text)[:block_size]
+    tokens = [tokenizer.itos[i] for i in ids]
+    if not causal:  # pad the encoder's input so the padding mask is exercised too
+        ids = ids + [model.config.pad_id] * (block_size - len(ids))
+    inputs = torch.tensor([ids])
+    with torch.no_grad():
+        attentions = model(inputs.to(device), return_attention=True).attentions
+    key_mask = inputs != model.config.pad_id if not causal else None
+    if not causal and model.config.pooling == "cls":
+        key_mask = torch.cat([torch.ones(1, 1, dtype=torch.bool), key_mask], dim=1)
+        tokens = ["[CLS]", *tokens]
+    failures = check_attention([a.cpu() for a in attentions], causal, key_mask)
+    if heatmap_dir is not None:
+        save_attention_heatmaps(attentions, tokens, heatmap_dir, prefix)
+    return [f"{prefix}: {failure}" for failure in failures]
+
+
 def save_attention_heatmaps(attentions, tokens: list[str], out_dir: Path, prefix: str) -> list[Path]:
     """One PNG per layer and head of the first sequence, tokens on both axes."""
     paths = []

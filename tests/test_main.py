@@ -165,9 +165,9 @@ def test_word_level_perplexity_equals_per_token_for_the_word_tokenizer(small_dat
     from transformer import TransformerLM
 
     args = main.build_parser().parse_args(["--part", "two", "--data-dir", str(small_data)])
-    context = main.make_run(args)
+    context = training.make_run(args)
     torch.manual_seed(0)
-    model = TransformerLM(main.model_config(context, "lm", n_layer=1))
+    model = TransformerLM(training.model_config(context, "lm", n_layer=1))
     text = context.data.test_lm["hbush"]
     expected = training.perplexity(model, training.encode_stream(context, text), 32, context.device)
     assert training.word_perplexity(context, model, text, 32) == pytest.approx(expected, rel=1e-9)

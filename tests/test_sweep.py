@@ -7,6 +7,7 @@ import pytest
 
 import main
 import sweep
+import training
 
 
 @pytest.fixture
@@ -15,13 +16,14 @@ def run():
 
 
 def test_preset_is_the_sweep_winner_on_top_of_the_first_round(run):
-    preset = main.model_config(run, "classifier", preset="best")
-    winner = main.model_config(run, "classifier", preset="best",
+    preset = training.model_config(run, "classifier", preset="best")
+    winner = training.model_config(run, "classifier", preset="best",
                                **{**sweep.FIRST_ROUND["classifier"], **sweep.CANDIDATES["no-position+swiglu"]})
-    first_round = main.model_config(run, "classifier", preset="best", **sweep.FIRST_ROUND["classifier"])
+    first_round = training.model_config(run, "classifier", preset="best", **sweep.FIRST_ROUND["classifier"])
     assert winner == preset
     assert (first_round.feedforward, first_round.position) == ("gelu", "learned")
-    assert main.model_config(run, "lm", preset="best", **sweep.FIRST_ROUND["lm"]) == main.model_config(run, "lm", preset="best")
+    lm = training.model_config(run, "lm", preset="best")
+    assert training.model_config(run, "lm", preset="best", **sweep.FIRST_ROUND["lm"]) == lm
 
 
 def test_sweep_reports_validation_only(small_data, capsys):
