@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dataset import CLASS_NAMES, DataError, Speeches, load_speeches, read_text, stratified_split
+from dataset import DataError, Speeches, load_speeches, read_text, stratified_split
 from tokenizer import UNK_ID, WordTokenizer
 
 ALPHAS = (0.01, 0.03, 0.1, 0.3, 1.0)
@@ -97,7 +97,7 @@ class NaiveBayes:
     def fit(cls, documents: list[Counter], labels: Sequence[int], alpha: float) -> "NaiveBayes":
         """Fit on feature counts; the feature set is every feature of `documents`."""
         columns = feature_columns(documents)
-        onehot = F.one_hot(torch.as_tensor(labels), len(CLASS_NAMES)).double()  # (N, C)
+        onehot = F.one_hot(torch.as_tensor(labels)).double()  # (N, C): every class has training documents
         smoothed = torch.sparse.mm(count_matrix(documents, columns).t(), onehot).t() + alpha  # (C, F)
         log_likelihood = smoothed.log() - smoothed.sum(1, keepdim=True).log()
         return cls(columns, onehot.mean(0).log(), log_likelihood)
@@ -147,8 +147,9 @@ class TfidfLogisticRegression:
         idf = ((1 + len(documents)) / (1 + document_frequency.double())).log() + 1
         inputs = tfidf(counts, idf)
         inputs, inputs_t, targets = to_csr(inputs), to_csr(inputs.t().coalesce()), torch.as_tensor(labels)
-        weight = torch.zeros(len(columns), len(CLASS_NAMES), dtype=torch.float64, requires_grad=True)
-        bias = torch.zeros(len(CLASS_NAMES), dtype=torch.float64, requires_grad=True)
+        num_classes = int(targets.max()) + 1
+        weight = torch.zeros(len(columns), num_classes, dtype=torch.float64, requires_grad=True)
+        bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
         optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, history_size=10, line_search_fn="strong_wolfe")
 
         @torch.no_grad()

@@ -1,6 +1,8 @@
 """Reading the speeches data, checking it, and turning it into batches of token ids."""
 
-from dataclasses import dataclass
+import hashlib
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -10,6 +12,8 @@ from tokenizer import PAD_ID
 CLASS_NAMES = ("Barack Obama", "George W. Bush", "George H. W. Bush")
 TRAIN_CLS, TEST_CLS, TRAIN_LM = "train_CLS.tsv", "test_CLS.tsv", "train_LM.txt"
 TEST_LM = {"obama": "test_LM_obama.txt", "wbush": "test_LM_wbush.txt", "hbush": "test_LM_hbush.txt"}
+DATA_FILES = (TRAIN_CLS, TEST_CLS, TRAIN_LM, *TEST_LM.values())
+MANIFEST = "corpus.json"  # written by corpus.py beside the six files it builds; the course's folder has none
 
 
 class DataError(ValueError):
@@ -37,9 +41,9 @@ class LabelledSegments:
     skipped_empty: int = 0
 
 
-def read_labelled_segments(path: Path, hint: str = "") -> LabelledSegments:
-    """Parse `label<TAB>segment` lines; empty segments are skipped and counted."""
-    segments = LabelledSegments([], [])
+def read_labelled_segments(path: Path, hint: str = "", num_classes: int = len(CLASS_NAMES)) -> LabelledSegments:
+    """Parse `label<TAB>segment` lines (labels 0 .. num_classes - 1); empty segments are skipped and counted."""
+    segments, labels = LabelledSegments([], []), [str(label) for label in range(num_classes)]
     for number, line in enumerate(read_text(path, hint).splitlines(), start=1):
         if not line.strip():
             continue
@@ -47,8 +51,8 @@ def read_labelled_segments(path: Path, hint: str = "") -> LabelledSegments:
         if len(fields) != 2:
             raise DataError(f"{path}:{number}: expected 'label<TAB>segment', found {len(fields) - 1} tabs")
         label, text = fields[0].strip(), fields[1].strip()
-        if label not in ("0", "1", "2"):
-            raise DataError(f"{path}:{number}: label {label!r} is not 0, 1 or 2")
+        if label not in labels:
+            raise DataError(f"{path}:{number}: label {label!r} is not one of 0 .. {num_classes - 1}")
         if not text:
             segments.skipped_empty += 1
             continue
@@ -67,23 +71,53 @@ class Speeches:
     test_cls: LabelledSegments
     train_lm: str
     test_lm: dict[str, str]
+    class_names: tuple[str, ...] = CLASS_NAMES
+    source: str = "course"  # or the corpus.py corpus the files were built as
+    vocabulary_cap: int | None = None  # the word vocabulary keeps the most frequent words (None: every word)
+    manifest: dict = field(default_factory=dict)
 
     def vocabulary_texts(self) -> list[str]:
         """The non-test text the vocabulary is built from (as the course does)."""
         return self.train_cls.texts + [self.train_lm]
 
 
+def digest(path: Path) -> str:
+    """SHA-256 of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def read_manifest(data_dir: Path) -> dict | None:
+    """A built corpus's manifest (None for the course's folder); DataError if any file differs from its digest."""
+    path = Path(data_dir) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+        changed = [file for file in DATA_FILES if not (path.parent / file).is_file() or digest(path.parent / file) != files[file]]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DataError(f"{path}: unreadable manifest ({type(error).__name__}); delete the folder to rebuild it") from None
+    if changed:
+        raise DataError(f"{path.parent / changed[0]}: differs from {MANIFEST} (half-written or edited); "
+                        "delete the folder to rebuild it")
+    return manifest
+
+
 def load_speeches(data_dir: Path) -> Speeches:
-    """Read the course files from `data_dir`, raising DataError on any problem."""
+    """Read the six files from `data_dir` (the course's, or a corpus.py build), raising DataError on any problem."""
     data_dir = Path(data_dir)
     hint = f" (looked in --data-dir {data_dir})"
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: data folder not found; pass --data-dir DIR holding the six course files")
+    manifest = read_manifest(data_dir) or {}
+    class_names = tuple(manifest.get("class_names", CLASS_NAMES))
     return Speeches(
-        train_cls=read_labelled_segments(data_dir / TRAIN_CLS, hint),
-        test_cls=read_labelled_segments(data_dir / TEST_CLS, hint),
+        train_cls=read_labelled_segments(data_dir / TRAIN_CLS, hint, len(class_names)),
+        test_cls=read_labelled_segments(data_dir / TEST_CLS, hint, len(class_names)),
         train_lm=read_text(data_dir / TRAIN_LM, hint),
         test_lm={name: read_text(data_dir / file, hint) for name, file in TEST_LM.items()},
+        class_names=class_names, source=manifest.get("corpus", "course"),
+        vocabulary_cap=manifest.get("vocabulary_cap"), manifest=manifest,
     )
 
 

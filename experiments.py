@@ -76,7 +76,7 @@ class Job:
 
 def _train_one(job: Job) -> tuple[Job, dict]:
     """Train one job in a worker; return its report (final figures, test probabilities, check failures)."""
-    run = _WORKER["run"]
+    run = worker_run()
     config = training.model_config(run, job.task, preset=job.preset, **job.changes)
     settings = training.training_config(run, job.task, preset=job.preset)
     quiet = lambda *a, **k: None  # noqa: E731
@@ -103,18 +103,32 @@ def _train_one(job: Job) -> tuple[Job, dict]:
     return job, report
 
 
-def run_jobs(args, jobs: list[Job], workers: int, log=print) -> tuple[dict, list[str]]:
-    """Run jobs on `workers` processes; return {(task, name): [report per seed]} and the check failures."""
-    runs, failures = {}, []
+def worker_run() -> training.Run:
+    """The Run a worker process built once from the command's options."""
+    return _WORKER["run"]
+
+
+def map_jobs(args, jobs: list, workers: int, work):
+    """Yield work(job) -> (job, report) for every job, in order, computed on `workers` processes (0: in this one)."""
+    if workers == 0:  # tests and debugging: this process's Run, and its thread count left alone
+        _WORKER["run"] = training.make_run(args)
+        yield from map(work, jobs)
+        return
     # spawn, not fork: forking a process that already runs torch's thread pool can deadlock
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(args,)) as pool:
-        for job, report in pool.map(_train_one, jobs):
-            failures += [f"seed {job.seed}: {failure}" for failure in report.pop("attention_failures")]
-            runs.setdefault((job.task, job.name), []).append(report)
-            log(f"  {job.task:10s} {job.name:16s} seed {job.seed}: " + (
-                f"test acc {report['test_accuracy']:.2f}%" if job.task == "classifier"
-                else "ppl " + " / ".join(f"{v:.1f}" for v in report["perplexity"].values())))
+        yield from pool.map(work, jobs)
+
+
+def run_jobs(args, jobs: list[Job], workers: int, log=print) -> tuple[dict, list[str]]:
+    """Run jobs on `workers` processes; return {(task, name): [report per seed]} and the check failures."""
+    runs, failures = {}, []
+    for job, report in map_jobs(args, jobs, workers, _train_one):
+        failures += [f"seed {job.seed}: {failure}" for failure in report.pop("attention_failures")]
+        runs.setdefault((job.task, job.name), []).append(report)
+        log(f"  {job.task:10s} {job.name:16s} seed {job.seed}: " + (
+            f"test acc {report['test_accuracy']:.2f}%" if job.task == "classifier"
+            else "ppl " + " / ".join(f"{v:.1f}" for v in report["perplexity"].values())))
     return runs, failures
 
 

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
+import corpus
 import experiments
+import scaling
 import training
 import utilities
 from baselines import audit, format_audit
@@ -142,7 +144,22 @@ def part_three(run: Run) -> tuple[dict, list[str]]:
     if run.args.improve:
         result["improve"], improve_failures = part_three_improvement(run)
         failures += improve_failures
+    if run.args.scaling:
+        result["scaling"] = part_three_scaling(run)
     return result, failures
+
+
+def part_three_scaling(run: Run) -> dict:
+    """Transformers against the count models on growing slices of sotu-all (scaling.py)."""
+    print("\n== data scaling (sotu-all)")
+    results = scaling.study(run.args, experiments.worker_count(run.args.workers))
+    for name, table in scaling.tables(results).items():
+        print(f"\n{name}\n{table}")
+        utilities.write_text(run.out / f"scaling_{name}.md", table + "\n")
+    if not run.args.no_plots:
+        scaling.plot(results, run.out)
+    print(f"\nscaling took {results['seconds']:.0f} s")
+    return results
 
 
 def part_three_improvement(run: Run) -> tuple[dict, list[str]]:
@@ -199,7 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     base, course = TransformerConfig(), TrainingConfig()
     parser = Parser(prog="main.py", description=__doc__)
     parser.add_argument("--part", choices=PARTS, required=True)
-    parser.add_argument("--data-dir", type=Path, default=Path("speechesdataset"))
+    parser.add_argument("--data-dir", type=Path, help="folder of the six data files (default: speechesdataset/ if it holds "
+                        "them, else the public-domain stand-in)")
+    parser.add_argument("--corpus", choices=("auto", "course", *corpus.CORPORA), default="auto",
+                        help="without --data-dir: sotu-standin (three presidents) or sotu-all (every address, 1790-present), "
+                        "built from the sotu package into --cache-dir")
+    parser.add_argument("--cache-dir", type=Path, default=corpus.DEFAULT_CACHE, help="where built corpora are kept")
     parser.add_argument("--out", type=Path, default=Path("results"), help="folder for JSON, plots and heatmaps")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, ...")
@@ -213,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     explore.add_argument("--variants", help=f"comma-separated subset of: {', '.join(experiments.VARIANTS)} (base always runs)")
     explore.add_argument("--improve", action="store_true",
                          help="also compare baselines, the course model and the best preset (training.PRESETS)")
+    explore.add_argument("--scaling", action="store_true",
+                         help="also train the transformers and count models on growing slices of sotu-all (scaling.py)")
+    explore.add_argument("--scaling-full", action="store_true", help="with --scaling: add the 1M-token and whole-corpus slices")
+    explore.add_argument("--scaling-lm-steps", type=int, default=1500, help="with --scaling: decoder iterations per slice")
+    explore.add_argument("--scaling-cls-steps", type=int, default=1500,
+                         help="with --scaling: encoder steps per slice (at least 2 epochs, at most the preset's)")
     explore.add_argument("--seeds", type=int, default=3, help="seeds per variant (from --seed on)")
     explore.add_argument("--workers", type=int, help="worker processes (default: one per core, at most 2)")
     parser.add_argument("--tokenizer", choices=("word", "bpe"), default="word",
@@ -284,6 +312,7 @@ def main(argv=None) -> int:
             print(format_audit(audit(run.data)) + "\n")
         result, failures = PARTS[args.part](run)
         result["seconds"] = time.perf_counter() - started
+        result["data"] = data.source
         result["seed"] = args.seed
         result["skipped_empty_segments"] = data.train_cls.skipped_empty + data.test_cls.skipped_empty
         path = utilities.write_json(run.out / f"part_{args.part}.json", result)

@@ -42,10 +42,14 @@ class WordTokenizer:
         return self._cache[text]
 
     @classmethod
-    def from_texts(cls, texts: Iterable[str]) -> "WordTokenizer":
-        """Build the vocabulary from every token of `texts`."""
+    def from_texts(cls, texts: Iterable[str], max_size: int | None = None) -> "WordTokenizer":
+        """Build the vocabulary from every token of `texts`, or its `max_size` - 2 most frequent ones (ties: A-Z)."""
         splitter = cls()
-        tokenizer = cls(token for text in texts for token in splitter.split(text))
+        tokens = (token for text in texts for token in splitter.split(text))
+        if max_size is not None:
+            counts = Counter(tokens)
+            tokens = sorted(counts, key=lambda token: (-counts[token], token))[: max_size - 2]
+        tokenizer = cls(tokens)
         tokenizer._cache = splitter._cache
         return tokenizer
 

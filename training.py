@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
+import corpus
 from dataset import (
     DataError,
     LabelledSegments,
@@ -49,6 +50,9 @@ class TrainingConfig:
     # `epochs` / `max_iters`; None: run it all. The refit uses it, so that its learning rate at each step is the
     # one of the selection run (a schedule squeezed into fewer steps decays sooner and undertrains)
     stop_after: int | None = None
+    # the language model's train perplexity over the first this-many tokens of the training stream (None: all of
+    # it, as the course does); the scaling study's 1.6M-token slices would otherwise spend most of their time there
+    train_eval_tokens: int | None = None
 
     def validate(self) -> "TrainingConfig":
         for name in ("batch_size", "epochs", "max_iters", "eval_interval", "stop_after"):
@@ -122,8 +126,8 @@ def make_run(args) -> Run:
     if args.seeds < 1:
         raise ValueError(f"--seeds must be positive, got {args.seeds}")
     device = resolve_device(args.device)
-    data = load_speeches(args.data_dir)
-    words = WordTokenizer.from_texts(data.vocabulary_texts())
+    data = load_speeches(corpus.locate(args.data_dir, args.corpus, args.cache_dir))
+    words = WordTokenizer.from_texts(data.vocabulary_texts(), data.vocabulary_cap)
     tokenizer = words if args.tokenizer == "word" else ByteBPETokenizer.from_texts(data.vocabulary_texts(), args.bpe_vocab)
     return Run(args, data, tokenizer, device, args.out, words)
 
@@ -141,7 +145,7 @@ def model_config(run: Run, task: str, preset: str | None = None, **changes) -> T
     """The course base model, then the preset's changes for `task` (default --preset), the size flags given,
     then `changes`."""
     preset = getattr(PRESETS[preset or run.args.preset], task)[0]
-    config = TransformerConfig(vocab_size=run.tokenizer.vocab_size)
+    config = TransformerConfig(vocab_size=run.tokenizer.vocab_size, n_classes=len(run.data.class_names))
     return replace(config, **{**preset, **flags(run.args, MODEL_FLAGS), **changes}).validate()
 
 
@@ -356,7 +360,7 @@ def train_language_model(run: Run, config: TransformerConfig, training: Training
 
     def evaluate(step, recent_steps):
         row = {"iteration": step, "train_loss": sum(loss for loss, _, _ in recent_steps) / len(recent_steps),
-               "train_perplexity": perplexity(model, train_stream, config.block_size, run.device),
+               "train_perplexity": perplexity(model, train_stream[:training.train_eval_tokens], config.block_size, run.device),
                "perplexity": {name: perplexity(model, stream, config.block_size, run.device)
                               for name, stream in test_streams.items()}}
         if validation_stream is not None:

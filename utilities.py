@@ -126,7 +126,7 @@ def save_attention_heatmaps(attentions, tokens: list[str], out_dir: Path, prefix
 
 
 def plot_curves(series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, title: str, path: Path,
-                log_y: bool = False) -> Path:
+                log_y: bool = False, log_x: bool = False) -> Path:
     """Line plot of named (x, y) series."""
     figure, axes = plt.subplots(figsize=(6, 4))
     for name, (x, y) in series.items():
@@ -135,6 +135,8 @@ def plot_curves(series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, 
     axes.set_ylabel(ylabel)
     if log_y:
         axes.set_yscale("log")
+    if log_x:
+        axes.set_xscale("log")
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend()
