@@ -58,7 +58,7 @@ _WORKER = {}
 def _init_worker(args):
     """Each worker reads the data once and trains on one thread, so two workers fill two cores."""
     torch.set_num_threads(1)
-    _WORKER["run"] = training.make_run(args)
+    _WORKER["run"] = training.make_run(args, log=lambda *a: None)  # the parent process has said which data
 
 
 @dataclass
@@ -111,7 +111,7 @@ def worker_run() -> training.Run:
 def map_jobs(args, jobs: list, workers: int, work):
     """Yield work(job) -> (job, report) for every job, in order, computed on `workers` processes (0: in this one)."""
     if workers == 0:  # tests and debugging: this process's Run, and its thread count left alone
-        _WORKER["run"] = training.make_run(args)
+        _WORKER["run"] = training.make_run(args, log=lambda *a: None)
         yield from map(work, jobs)
         return
     # spawn, not fork: forking a process that already runs torch's thread pool can deadlock

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import baselines
+import corpus
 import experiments
 import training
 import utilities
@@ -143,7 +144,9 @@ def study(args, workers: int, log=print) -> dict:
     started = time.perf_counter()
     jobs = jobs_for(args)
     log(f"scaling: {len(jobs)} runs on sotu-all slices on {workers} workers")
-    done = experiments.map_jobs(scaling_args(args), jobs, workers, _train_slice)
+    args = scaling_args(args)
+    corpus.locate(args.data_dir, args.corpus, args.cache_dir, log)  # built here once, not by each worker at the same time
+    done = experiments.map_jobs(args, jobs, workers, _train_slice)
     lm, classifier = {}, {}
     for job, report in done:
         table = lm if job.task == "lm" else classifier

@@ -121,12 +121,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def make_run(args) -> Run:
-    """Read the data and build the vocabulary once for a whole command."""
+def make_run(args, log=print) -> Run:
+    """Read the data and build the vocabulary once for a whole command; `log` says which data."""
     if args.seeds < 1:
         raise ValueError(f"--seeds must be positive, got {args.seeds}")
     device = resolve_device(args.device)
-    data = load_speeches(corpus.locate(args.data_dir, args.corpus, args.cache_dir))
+    data = load_speeches(corpus.locate(args.data_dir, args.corpus, args.cache_dir, log))
     words = WordTokenizer.from_texts(data.vocabulary_texts(), data.vocabulary_cap)
     tokenizer = words if args.tokenizer == "word" else ByteBPETokenizer.from_texts(data.vocabulary_texts(), args.bpe_vocab)
     return Run(args, data, tokenizer, device, args.out, words)
