@@ -8,12 +8,13 @@ from pathlib import Path
 import torch
 
 import experiments
+import hf_bridge
 import training
 import utilities
 from baselines import audit, format_audit
 from dataset import DataError, read_labelled_segments, read_text
 from generation import STRATEGIES, generate
-from tokenizer import PAD_ID, SPECIALS, UNK_ID, WordTokenizer, tokenizer_from_json
+from tokenizer import PAD_ID, UNK_ID, WordTokenizer, tokenizer_from_json
 from training import (
     PRESETS,
     Run,
@@ -260,7 +261,7 @@ def generate_command(argv) -> int:
         if word_level and all(i == UNK_ID for i in prompt):
             raise ValueError(f"every word of the prompt is outside the vocabulary: {args.prompt!r}")
         # never emit padding or specials; the word tokenizer's <unk> is not a word either
-        suppressed = (PAD_ID, UNK_ID) if word_level else tuple(range(len(SPECIALS)))
+        suppressed = (PAD_ID, UNK_ID) if word_level else tokenizer.special_ids
         new = generate(model, prompt, args.max_new_tokens, args.strategy, args.temperature, args.top_k, args.top_p,
                        args.beams, torch.Generator().manual_seed(args.seed), max_context=args.max_context,
                        suppress_ids=suppressed)
@@ -271,10 +272,35 @@ def generate_command(argv) -> int:
     return 0
 
 
+def convert_command(argv) -> int:
+    """python main.py convert --from-hf DIR --to CHECKPOINT, or --to-hf DIR --from CHECKPOINT (hf_bridge.py)."""
+    parser = Parser(prog="main.py convert", description="Convert a Hugging Face GPT-2 or Llama folder to our checkpoint "
+                    "(--from-hf DIR --to CHECKPOINT) or our decoder checkpoint to one (--from CHECKPOINT --to-hf DIR).")
+    parser.add_argument("--from-hf", type=Path, metavar="DIR", help="a folder with config.json and model.safetensors")
+    parser.add_argument("--to", type=Path, metavar="CHECKPOINT")
+    parser.add_argument("--from", dest="source", type=Path, metavar="CHECKPOINT", help="one of ours (--part two --save)")
+    parser.add_argument("--to-hf", type=Path, metavar="DIR")
+    args = parser.parse_args(argv)
+    if (args.from_hf is None) == (args.source is None) or (args.from_hf and not args.to) or (args.source and not args.to_hf):
+        parser.error("give either --from-hf DIR --to CHECKPOINT or --from CHECKPOINT --to-hf DIR")
+    try:
+        if args.from_hf:
+            print(hf_bridge.import_folder(args.from_hf, args.to))
+        else:
+            print(hf_bridge.export_checkpoint(args.source, args.to_hf))
+    except (ValueError, OSError) as error:  # BridgeError and CheckpointError included
+        print(f"main.py convert: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+COMMANDS = {"generate": generate_command, "convert": convert_command}
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["generate"]:
-        return generate_command(argv[1:])
+    if argv[:1] and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
     try:
         run = training.make_run(args)
