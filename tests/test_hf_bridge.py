@@ -82,6 +82,23 @@ def test_hf_to_ours_gives_the_same_logits(tmp_path, name):
     assert max_difference(ours, theirs) < TOLERANCE
 
 
+def test_gpt2_hub_layout_without_prefix_and_with_mask_buffers(tmp_path):
+    """The hub's gpt2 file names tensors without `transformer.` and keeps each layer's causal mask (attn.bias)."""
+    import safetensors.torch
+
+    theirs = hf_gpt2()
+    theirs.save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" / "model.safetensors"
+    tensors = {name.removeprefix("transformer."): tensor.clone()  # a copy: the file is rewritten below
+               for name, tensor in safetensors.torch.load_file(path).items()}
+    tensors.update({f"h.{n}.attn.bias": torch.tril(torch.ones(1, 1, BLOCK, BLOCK)) for n in range(2)})
+    safetensors.torch.save_file({name: tensor.half() for name, tensor in tensors.items()}, path)  # as float16, too
+    with torch.no_grad():
+        theirs.load_state_dict({f"transformer.{name}": tensor.half().float() for name, tensor in tensors.items()
+                                if not name.endswith(".attn.bias")}, strict=False)
+    assert max_difference(hf_bridge.model_from_folder(tmp_path / "hf"), theirs) < TOLERANCE
+
+
 @pytest.mark.parametrize("name", OUR_CONFIGS)
 def test_ours_to_hf_gives_the_same_logits(tmp_path, name):
     config = TransformerConfig(vocab_size=VOCAB, block_size=BLOCK, n_embd=32, n_head=4, n_layer=2, **OUR_CONFIGS[name])
