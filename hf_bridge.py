@@ -423,7 +423,8 @@ def export_checkpoint(checkpoint: Path, directory: Path) -> str:
     family = {"learned": "gpt2", "rope": "llama"}.get(config.position)
     if family is None:
         raise BridgeError(f"{path}: position={config.position!r} has no GPT-2 (learned) or Llama (rope) form")
-    needs = {"norm_placement": "pre", "attention_pattern": "full", "norm": "layer" if family == "gpt2" else "rms"}
+    needs = {"norm_placement": "pre", "attention_pattern": "full", "norm": "layer" if family == "gpt2" else "rms",
+             "embedding_dim": None if config.embedding_dim is None else config.n_embd}  # ALBERT's narrow table: no
     if family == "gpt2" and config.n_kv_heads not in (None, config.n_head):
         raise BridgeError(f"{path}: n_kv_heads={config.n_kv_heads} has no GPT-2 form (GPT-2 is multi-head)")
     for setting, value in needs.items():
