@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 import experiments
+import heads
 import hf_bridge
 import training
 import utilities
@@ -120,12 +121,14 @@ def part_two(run: Run) -> tuple[dict, list[str]]:
 def part_three(run: Run) -> tuple[dict, list[str]]:
     """ALiBi against learned absolute positions, for the decoder and the classifier, same seed and batches."""
     seed = run.args.seed
-    result, failures = {"lm": {}, "classifier": {}}, []
+    result, failures, head_statistics = {"lm": {}, "classifier": {}}, [], {}
     for name, position in (("absolute", "learned"), ("alibi", "alibi")):
         print(f"\n== decoder, {name} positions")
         model, report = train_language_model(run, model_config(run, "lm", position=position), training_config(run, "lm"), seed)
         failures += check_attention(run, model, True, f"part3_decoder_{name}")
         result["lm"][name] = {"vocab_size": run.tokenizer.vocab_size, **report, "extra": extra_perplexity(run, model)}
+        if run.args.heads:
+            head_statistics[f"decoder {name}"] = heads.decoder_heads(run, model)
     for name, position in (("absolute", "learned"), ("alibi", "alibi")):
         print(f"\n== classifier, {name} positions")
         config = model_config(run, "classifier", position=position)
@@ -134,7 +137,11 @@ def part_three(run: Run) -> tuple[dict, list[str]]:
         result["classifier"][name] = {key: report[key] for key in
                                       ("num_parameters", "test_accuracy", "test_accuracy_seen", "test_accuracy_unseen")}
         result["classifier"][name]["extra"] = extra_accuracy(run, model)
+        if run.args.heads:
+            head_statistics[f"encoder {name}"] = heads.encoder_heads(run, model)
     print_part_three_table(result)
+    if run.args.heads:
+        result["heads"] = part_three_heads(run, head_statistics)
     if not run.args.no_plots:
         plot_perplexities(run, result["lm"], run.out / "part_three_perplexity.png", "Part three: absolute vs ALiBi")
     if run.args.explore:
@@ -144,6 +151,17 @@ def part_three(run: Run) -> tuple[dict, list[str]]:
         result["improve"], improve_failures = part_three_improvement(run)
         failures += improve_failures
     return result, failures
+
+
+def part_three_heads(run: Run, statistics: dict) -> dict:
+    """What each head attends to, learned positions against ALiBi: tables (printed and saved) and a heatmap grid."""
+    summary = heads.summary_table(statistics)
+    print(f"\n== heads (test set)\n{summary}")
+    tables = [f"## {name}\n\n{heads.heads_table(values)}" for name, values in statistics.items()]
+    utilities.write_text(run.out / "heads.md", "\n\n".join([f"## mean over heads\n\n{summary}", *tables]) + "\n")
+    if not run.args.no_plots:
+        heads.plot_heads(statistics, run.out / "heads.png")
+    return statistics
 
 
 def part_three_improvement(run: Run) -> tuple[dict, list[str]]:
@@ -214,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     explore.add_argument("--variants", help=f"comma-separated subset of: {', '.join(experiments.VARIANTS)} (base always runs)")
     explore.add_argument("--improve", action="store_true",
                          help="also compare baselines, the course model and the best preset (training.PRESETS)")
+    explore.add_argument("--heads", action="store_true",
+                         help="also measure what each head attends to, learned positions vs ALiBi (heads.py)")
     explore.add_argument("--seeds", type=int, default=3, help="seeds per variant (from --seed on)")
     explore.add_argument("--workers", type=int, help="worker processes (default: one per core, at most 2)")
     parser.add_argument("--tokenizer", choices=("word", "bpe"), default="word",
