@@ -10,6 +10,7 @@ import torch
 import experiments
 import heads
 import hf_bridge
+import seq2seq
 import training
 import utilities
 from baselines import audit, format_audit
@@ -144,6 +145,8 @@ def part_three(run: Run) -> tuple[dict, list[str]]:
         result["heads"] = part_three_heads(run, head_statistics)
     if not run.args.no_plots:
         plot_perplexities(run, result["lm"], run.out / "part_three_perplexity.png", "Part three: absolute vs ALiBi")
+    if run.args.t5:
+        result["t5"] = part_three_t5(run)
     if run.args.explore:
         result["exploration"], explore_failures = part_three_exploration(run)
         failures += explore_failures
@@ -162,6 +165,17 @@ def part_three_heads(run: Run, statistics: dict) -> dict:
     if not run.args.no_plots:
         heads.plot_heads(statistics, run.out / "heads.png")
     return statistics
+
+
+def part_three_t5(run: Run) -> dict:
+    """The T5-style encoder-decoder trained on span corruption: target perplexity, greedy and beam decoding."""
+    print("\n== T5-style encoder-decoder, span corruption of train_LM.txt")
+    _, report = seq2seq.train_span_corruption(run, run.args.seed)
+    print(f"parameters: {report['num_parameters']:,}   target perplexity: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in report["target_perplexity"].items())
+          + "   decoding accuracy (obama, first 100 windows): "
+          + ", ".join(f"{k} {v:.1f}%" for k, v in report["decoding_accuracy"].items()))
+    return report
 
 
 def part_three_improvement(run: Run) -> tuple[dict, list[str]]:
@@ -234,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also compare baselines, the course model and the best preset (training.PRESETS)")
     explore.add_argument("--heads", action="store_true",
                          help="also measure what each head attends to, learned positions vs ALiBi (heads.py)")
+    explore.add_argument("--t5", action="store_true",
+                         help="also train a T5-style encoder-decoder on span corruption (encoder_decoder.py, seq2seq.py)")
     explore.add_argument("--seeds", type=int, default=3, help="seeds per variant (from --seed on)")
     explore.add_argument("--workers", type=int, help="worker processes (default: one per core, at most 2)")
     parser.add_argument("--tokenizer", choices=("word", "bpe"), default="word",

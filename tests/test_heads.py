@@ -2,6 +2,7 @@
 
 import json
 import math
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 import heads
 import main
+import seq2seq
 
 # one sequence of 3 tokens (the middle one punctuation), two heads:
 # head 1 looks at the previous token (the first token at itself), head 2 spreads evenly over the causal keys
@@ -59,13 +61,22 @@ def test_punctuation_table():
     assert table.tolist() == [False, True, True, False, False, True, False, False]
 
 
-def test_part_three_heads_writes_tables_and_a_grid(small_data, tmp_path, capsys):
-    status = main.main(["--part", "three", "--data-dir", str(small_data), "--out", str(tmp_path), "--heads",
-                        "--epochs", "1", "--max-iters", "10", "--eval-interval", "10"])
+def test_heatmap_grid_is_written(tmp_path):
+    statistics = {name: [[0.1, 0.2], [0.3, 0.4]] for name in heads.STATISTICS}
+    path = heads.plot_heads({"a": statistics, "b": statistics}, tmp_path / "grid.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_part_three_heads_and_t5_write_their_reports(small_data, tmp_path, capsys, monkeypatch):
+    """One part-three run for both flags (the ALiBi comparison it starts with is trained once)."""
+    monkeypatch.setattr(seq2seq, "train_span_corruption", partial(seq2seq.train_span_corruption, decode_windows=3))
+    status = main.main(["--part", "three", "--data-dir", str(small_data), "--out", str(tmp_path), "--heads", "--t5",
+                        "--no-plots", "--epochs", "1", "--max-iters", "10", "--eval-interval", "10"])
     out = capsys.readouterr().out
     assert status == 0, out
-    assert "== heads (test set)" in out and (tmp_path / "heads.png").is_file()
-    statistics = json.loads((tmp_path / "part_three.json").read_text())["heads"]
+    assert "== heads (test set)" in out
+    result = json.loads((tmp_path / "part_three.json").read_text())
+    statistics = result["heads"]
     assert set(statistics) == {"decoder absolute", "decoder alibi", "encoder absolute", "encoder alibi"}
     for values in statistics.values():
         assert len(values["entropy"]) == 4 and len(values["entropy"][0]) == 2  # 4 layers x 2 heads
@@ -74,3 +85,7 @@ def test_part_three_heads_writes_tables_and_a_grid(small_data, tmp_path, capsys)
     decoder = torch.tensor(statistics["decoder absolute"]["first"])
     assert (decoder > 0).all()  # a causal first query sees only the first token
     assert (tmp_path / "heads.md").read_text().count("## ") == 5
+    t5 = result["t5"]
+    assert set(t5["target_perplexity"]) == {"obama", "wbush", "hbush"}
+    assert all(1 < value < float("inf") for value in t5["target_perplexity"].values())
+    assert set(t5["decoding_accuracy"]) == {"greedy", "beam"} and "target perplexity" in out
