@@ -59,6 +59,7 @@ HF_MODELS = {"gpt2": hf_gpt2, "gpt2-untied": lambda: hf_gpt2(tie=False),
              **{f"llama-{name}": (lambda name=name: hf_llama(name)) for name in LLAMAS}}
 OUR_CONFIGS = {
     "gpt2": dict(feedforward="gelu_tanh", tie_embeddings=True, ff_hidden=128),
+    "gpt2-shared-layers": dict(feedforward="gelu_tanh", tie_embeddings=True, ff_hidden=128, share_layers=True),
     "gpt2-relu": dict(feedforward="relu", tie_embeddings=False, ff_hidden=50, norm_eps=1e-6),
     "llama-gqa2": dict(position="rope", norm="rms", feedforward="swiglu", n_kv_heads=2, ff_hidden=60, rope_base=500000.0),
     "llama-tied": dict(position="rope", norm="rms", feedforward="swiglu", tie_embeddings=True, ff_hidden=60),
@@ -265,6 +266,7 @@ def test_llama_with_scaled_rope_is_refused(tmp_path, capsys):
 @pytest.mark.parametrize(("changes", "message"), [
     ({"position": "alibi"}, "position='alibi' has no GPT-2 (learned) or Llama (rope) form"),
     ({"norm_placement": "post"}, "norm_placement='post' has no GPT-2 form"),
+    ({"embedding_dim": 8}, "embedding_dim=8 has no GPT-2 form"),
     ({"position": "rope", "norm": "rms", "feedforward": "relu"}, "feedforward='relu' has no Llama form"),
     ({}, "the output layer has a nonzero bias"),
 ])
