@@ -375,12 +375,16 @@ def model_from_folder(directory: Path) -> TransformerLM:
         prefixed = any(name.startswith("transformer.") for name in tensors)
         weights = Weights(tensors, weights_path, "transformer." if prefixed else "")
         state = gpt2_to_ours(weights, config)
-        # attn.bias / attn.masked_bias: the causal mask, saved as a buffer by older transformers
-        weights.check_all_used(lambda name: name.endswith((".attn.bias", ".attn.masked_bias")))
     else:
         weights = Weights(tensors, weights_path)
         state = llama_to_ours(weights, config, hf)
-        weights.check_all_used(lambda name: name.endswith("rotary_emb.inv_freq"))
+    if config.tie_embeddings and "lm_head.weight" in tensors:  # some files store the tied matrix twice
+        if not torch.equal(tensors["lm_head.weight"], state["decoder.token_embedding.weight"]):
+            raise BridgeError(f"{weights_path}: lm_head.weight differs from the token embedding, "
+                              f"but {config_path.name} ties them (tie_word_embeddings)")
+        weights.taken.add("lm_head.weight")
+    # buffers older transformers saved: GPT-2's causal mask (attn.bias, attn.masked_bias), Llama's RoPE frequencies
+    weights.check_all_used(lambda name: name.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")))
     model = TransformerLM(config)
     state["lm_head.bias"] = torch.zeros(config.vocab_size)  # neither family has an output bias
     if config.tie_embeddings:

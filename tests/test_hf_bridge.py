@@ -256,6 +256,21 @@ def test_bad_folders_give_one_line_naming_the_file_and_status_2(tmp_path, data_d
     assert not (tmp_path / "ours").exists()
 
 
+@pytest.mark.parametrize("same", [True, False])
+def test_a_tied_matrix_stored_twice_is_accepted_only_if_equal(tmp_path, capsys, same):
+    import safetensors.torch
+
+    theirs = hf_gpt2()
+    theirs.save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" / "model.safetensors"
+    tensors = {name: tensor.clone() for name, tensor in safetensors.torch.load_file(path).items()}
+    tensors["lm_head.weight"] = tensors["transformer.wte.weight"] * (1 if same else 2)
+    safetensors.torch.save_file(tensors, path)
+    status, _, err = convert(capsys, "--from-hf", tmp_path / "hf", "--to", tmp_path / "ours")
+    assert status == (0 if same else 2), err
+    assert same or "lm_head.weight differs from the token embedding" in err
+
+
 def test_llama_with_scaled_rope_is_refused(tmp_path, capsys):
     hf_llama("mha").save_pretrained(tmp_path / "hf")
     break_config(tmp_path / "hf", rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0})
