@@ -36,6 +36,8 @@ VARIANTS = {
     "blockwise": ({"attention_pattern": "block"}, ("classifier", "lm")),
     "cls-pooling": ({"pooling": "cls"}, ("classifier",)),
     "tied-embeddings": ({"tie_embeddings": True}, ("lm",)),
+    "shared-layers": ({"share_layers": True}, ("classifier", "lm")),  # ALBERT
+    "factorised-embedding": ({"embedding_dim": 16}, ("classifier", "lm")),  # ALBERT, E = n_embd / 4
 }
 EXTRAPOLATION_LENGTHS = (32, 64, 128)
 EXTRAPOLATING = ("sinusoidal", "rope", "alibi", "no-position", "disentangled")  # learned positions stop at 32

@@ -9,13 +9,16 @@ import torch
 
 import corpus
 import experiments
+import heads
+import hf_bridge
 import scaling
+import seq2seq
 import training
 import utilities
 from baselines import audit, format_audit
 from dataset import DataError, read_labelled_segments, read_text
 from generation import STRATEGIES, generate
-from tokenizer import PAD_ID, SPECIALS, UNK_ID, WordTokenizer, tokenizer_from_json
+from tokenizer import PAD_ID, UNK_ID, WordTokenizer, tokenizer_from_json
 from training import (
     PRESETS,
     Run,
@@ -121,12 +124,14 @@ def part_two(run: Run) -> tuple[dict, list[str]]:
 def part_three(run: Run) -> tuple[dict, list[str]]:
     """ALiBi against learned absolute positions, for the decoder and the classifier, same seed and batches."""
     seed = run.args.seed
-    result, failures = {"lm": {}, "classifier": {}}, []
+    result, failures, head_statistics = {"lm": {}, "classifier": {}}, [], {}
     for name, position in (("absolute", "learned"), ("alibi", "alibi")):
         print(f"\n== decoder, {name} positions")
         model, report = train_language_model(run, model_config(run, "lm", position=position), training_config(run, "lm"), seed)
         failures += check_attention(run, model, True, f"part3_decoder_{name}")
         result["lm"][name] = {"vocab_size": run.tokenizer.vocab_size, **report, "extra": extra_perplexity(run, model)}
+        if run.args.heads:
+            head_statistics[f"decoder {name}"] = heads.decoder_heads(run, model)
     for name, position in (("absolute", "learned"), ("alibi", "alibi")):
         print(f"\n== classifier, {name} positions")
         config = model_config(run, "classifier", position=position)
@@ -135,9 +140,15 @@ def part_three(run: Run) -> tuple[dict, list[str]]:
         result["classifier"][name] = {key: report[key] for key in
                                       ("num_parameters", "test_accuracy", "test_accuracy_seen", "test_accuracy_unseen")}
         result["classifier"][name]["extra"] = extra_accuracy(run, model)
+        if run.args.heads:
+            head_statistics[f"encoder {name}"] = heads.encoder_heads(run, model)
     print_part_three_table(result)
+    if run.args.heads:
+        result["heads"] = part_three_heads(run, head_statistics)
     if not run.args.no_plots:
         plot_perplexities(run, result["lm"], run.out / "part_three_perplexity.png", "Part three: absolute vs ALiBi")
+    if run.args.t5:
+        result["t5"] = part_three_t5(run)
     if run.args.explore:
         result["exploration"], explore_failures = part_three_exploration(run)
         failures += explore_failures
@@ -160,6 +171,26 @@ def part_three_scaling(run: Run) -> dict:
         scaling.plot(results, run.out)
     print(f"\nscaling took {results['seconds']:.0f} s")
     return results
+def part_three_heads(run: Run, statistics: dict) -> dict:
+    """What each head attends to, learned positions against ALiBi: tables (printed and saved) and a heatmap grid."""
+    summary = heads.summary_table(statistics)
+    print(f"\n== heads (test set)\n{summary}")
+    tables = [f"## {name}\n\n{heads.heads_table(values)}" for name, values in statistics.items()]
+    utilities.write_text(run.out / "heads.md", "\n\n".join([f"## mean over heads\n\n{summary}", *tables]) + "\n")
+    if not run.args.no_plots:
+        heads.plot_heads(statistics, run.out / "heads.png")
+    return statistics
+
+
+def part_three_t5(run: Run) -> dict:
+    """The T5-style encoder-decoder trained on span corruption: target perplexity, greedy and beam decoding."""
+    print("\n== T5-style encoder-decoder, span corruption of train_LM.txt")
+    _, report = seq2seq.train_span_corruption(run, run.args.seed)
+    print(f"parameters: {report['num_parameters']:,}   target perplexity: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in report["target_perplexity"].items())
+          + "   decoding accuracy (obama, first 100 windows): "
+          + ", ".join(f"{k} {v:.1f}%" for k, v in report["decoding_accuracy"].items()))
+    return report
 
 
 def part_three_improvement(run: Run) -> tuple[dict, list[str]]:
@@ -241,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     explore.add_argument("--scaling-lm-steps", type=int, default=1500, help="with --scaling: decoder iterations per slice")
     explore.add_argument("--scaling-cls-steps", type=int, default=1500,
                          help="with --scaling: encoder steps per slice (at least 2 epochs, at most the preset's)")
+    explore.add_argument("--heads", action="store_true",
+                         help="also measure what each head attends to, learned positions vs ALiBi (heads.py)")
+    explore.add_argument("--t5", action="store_true",
+                         help="also train a T5-style encoder-decoder on span corruption (encoder_decoder.py, seq2seq.py)")
     explore.add_argument("--seeds", type=int, default=3, help="seeds per variant (from --seed on)")
     explore.add_argument("--workers", type=int, help="worker processes (default: one per core, at most 2)")
     parser.add_argument("--tokenizer", choices=("word", "bpe"), default="word",
@@ -288,7 +323,7 @@ def generate_command(argv) -> int:
         if word_level and all(i == UNK_ID for i in prompt):
             raise ValueError(f"every word of the prompt is outside the vocabulary: {args.prompt!r}")
         # never emit padding or specials; the word tokenizer's <unk> is not a word either
-        suppressed = (PAD_ID, UNK_ID) if word_level else tuple(range(len(SPECIALS)))
+        suppressed = (PAD_ID, UNK_ID) if word_level else tokenizer.special_ids
         new = generate(model, prompt, args.max_new_tokens, args.strategy, args.temperature, args.top_k, args.top_p,
                        args.beams, torch.Generator().manual_seed(args.seed), max_context=args.max_context,
                        suppress_ids=suppressed)
@@ -299,10 +334,35 @@ def generate_command(argv) -> int:
     return 0
 
 
+def convert_command(argv) -> int:
+    """python main.py convert --from-hf DIR --to CHECKPOINT, or --to-hf DIR --from CHECKPOINT (hf_bridge.py)."""
+    parser = Parser(prog="main.py convert", description="Convert a Hugging Face GPT-2 or Llama folder to our checkpoint "
+                    "(--from-hf DIR --to CHECKPOINT) or our decoder checkpoint to one (--from CHECKPOINT --to-hf DIR).")
+    parser.add_argument("--from-hf", type=Path, metavar="DIR", help="a folder with config.json and model.safetensors")
+    parser.add_argument("--to", type=Path, metavar="CHECKPOINT")
+    parser.add_argument("--from", dest="source", type=Path, metavar="CHECKPOINT", help="one of ours (--part two --save)")
+    parser.add_argument("--to-hf", type=Path, metavar="DIR")
+    args = parser.parse_args(argv)
+    if (args.from_hf is None) == (args.source is None) or (args.from_hf and not args.to) or (args.source and not args.to_hf):
+        parser.error("give either --from-hf DIR --to CHECKPOINT or --from CHECKPOINT --to-hf DIR")
+    try:
+        if args.from_hf:
+            print(hf_bridge.import_folder(args.from_hf, args.to))
+        else:
+            print(hf_bridge.export_checkpoint(args.source, args.to_hf))
+    except (ValueError, OSError) as error:  # BridgeError and CheckpointError included
+        print(f"main.py convert: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+COMMANDS = {"generate": generate_command, "convert": convert_command}
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["generate"]:
-        return generate_command(argv[1:])
+    if argv[:1] and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
     try:
         run = training.make_run(args)

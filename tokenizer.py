@@ -153,8 +153,10 @@ class ByteBPETokenizer:
     UTF-8 bytes: `encode` raises UnicodeEncodeError (a ValueError) for them.
     """
 
+    pad_first = True  # id 0 must be <pad>, the models' padding id
+
     def __init__(self, merges: Iterable[Sequence[int]] = (), specials: Sequence[str] = SPECIALS):
-        if not specials or specials[0] != PAD:
+        if self.pad_first and (not specials or specials[0] != PAD):
             raise ValueError(f"the first special token must be {PAD} (id 0, the models' padding id)")
         self.specials = tuple(specials)
         self.merges: list[Pair] = []
@@ -205,9 +207,14 @@ class ByteBPETokenizer:
     def _encode_ordinary(self, text: str) -> list[int]:
         return [i for piece in GPT2_PATTERN.findall(text) for i in self._encode_piece(piece)]
 
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        """The ids of the special tokens (never produced by merges)."""
+        return tuple(range(len(self.specials)))
+
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         """Token ids of `text`; with `allow_special`, literal special-token strings become their single ids."""
-        if not allow_special:
+        if not allow_special or not self.specials:
             return self._encode_ordinary(text)
         parts = self._special_pattern.split(text)  # the capturing group puts the specials at odd positions
         return [i for n, part in enumerate(parts)
@@ -234,7 +241,49 @@ class ByteBPETokenizer:
         return cls(state["merges"], state["specials"])
 
 
-TOKENIZERS = {"word": WordTokenizer, "bpe": ByteBPETokenizer}
+class RenumberedBPETokenizer(ByteBPETokenizer):
+    """A byte-level BPE whose ids follow another vocabulary (GPT-2's vocab.json), not ours.
+
+    The merges, and so the tokens, are those of ByteBPETokenizer; `token_ids[i]` is the outside id of
+    our id i (specials, then the 256 bytes, then the merges). GPT-2 numbers the bytes in another order
+    and puts its one special token, <|endoftext|>, last; it has no padding token, hence no <pad> at 0.
+    """
+
+    pad_first = False
+
+    def __init__(self, merges: Iterable[Sequence[int]], specials: Sequence[str], token_ids: Sequence[int]):
+        super().__init__(merges, specials)
+        if sorted(token_ids) != list(range(self.vocab_size)):
+            raise ValueError(f"token_ids must number the {self.vocab_size} tokens 0..{self.vocab_size - 1}, each once")
+        self.token_ids = list(token_ids)
+        self._ours = [0] * self.vocab_size
+        for ours, theirs in enumerate(self.token_ids):
+            self._ours[theirs] = ours
+        self.itos = [self.itos[ours] for ours in self._ours]
+
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        return tuple(self.token_ids[i] for i in range(len(self.specials)))
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        return [self.token_ids[i] for i in super().encode(text, allow_special)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return super().decode(self._ours[i] for i in ids)
+
+    def to_json(self) -> str:
+        """The special tokens, merges (in our ids) and the outside id of each of our ids, as JSON."""
+        return json.dumps({"type": "renumbered-bpe", "specials": list(self.specials), "merges": self.merges,
+                           "token_ids": self.token_ids})
+
+    @classmethod
+    def from_json(cls, text: str) -> "RenumberedBPETokenizer":
+        """Inverse of `to_json`."""
+        state = json.loads(text)
+        return cls(state["merges"], state["specials"], state["token_ids"])
+
+
+TOKENIZERS = {"word": WordTokenizer, "bpe": ByteBPETokenizer, "renumbered-bpe": RenumberedBPETokenizer}
 
 
 def tokenizer_from_json(text: str) -> WordTokenizer | ByteBPETokenizer:

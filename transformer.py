@@ -25,12 +25,16 @@ class TransformerConfig:
     n_head: int = 2
     n_kv_heads: int | None = None  # None: one key/value head per query head (multi-head)
     n_layer: int = 4
+    share_layers: bool = False  # ALBERT: every layer applies one shared block
+    embedding_dim: int | None = None  # ALBERT: token table this wide, projected to n_embd (None: n_embd)
     ff_hidden: int = 100
-    feedforward: str = "relu"  # relu | gelu | swiglu
+    feedforward: str = "relu"  # relu | gelu | gelu_tanh | swiglu
     norm: str = "layer"  # layer | rms
+    norm_eps: float = 1e-5  # GPT-2's; Llamas use 1e-5 or 1e-6
     norm_placement: str = "pre"  # pre | post
     position: str = "learned"  # learned | sinusoidal | rope | alibi | none | disentangled
     attention_pattern: str = "full"  # full | local | block
+    rope_base: float = 10000.0  # the base of RoPE's frequencies (Llama 3 uses 500000)
     window: int = 8  # tokens in a local window, or in one block of the blockwise pattern
     relative_clip: int = 8  # k of the disentangled (DeBERTa) relative positions
     pooling: str = "mean"  # mean | cls (classifier only)
@@ -54,6 +58,12 @@ class TransformerConfig:
             raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_head ({self.n_head})")
         if self.position == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError("rope needs an even head size (n_embd / n_head)")
+        if self.embedding_dim is not None and self.embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be positive, got {self.embedding_dim}")
+        if self.tie_embeddings and self.embedding_dim not in (None, self.n_embd):
+            raise ValueError("tie_embeddings needs the token table n_embd wide (embedding_dim None or n_embd)")
+        if self.norm_eps <= 0 or self.rope_base <= 1:
+            raise ValueError(f"norm_eps must be positive and rope_base above 1, got {self.norm_eps}, {self.rope_base}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         tables = {"feedforward": FEEDFORWARDS, "norm": NORMS, "norm_placement": BLOCKS,
@@ -182,12 +192,12 @@ class RotaryPositions(NoPositions):
 
     def __init__(self, config, max_len):
         super().__init__(config, max_len)
-        self.head_size = config.n_embd // config.n_head
-        self.register_buffer("cos_sin", rope_tables(max_len, self.head_size).transpose(0, 1), persistent=False)
+        self.head_size, self.base = config.n_embd // config.n_head, config.rope_base
+        self.register_buffer("cos_sin", rope_tables(max_len, self.head_size, self.base).transpose(0, 1), persistent=False)
 
     def rotate(self, x, start):  # x: (B, H, T, hs)
         T = x.shape[2]
-        table = grow(self, "cos_sin", start + T, lambda n: rope_tables(n, self.head_size).transpose(0, 1))
+        table = grow(self, "cos_sin", start + T, lambda n: rope_tables(n, self.head_size, self.base).transpose(0, 1))
         cos, sin = table[start : start + T].unbind(1)  # (T, hs/2) each
         even, odd = x[..., 0::2], x[..., 1::2]  # (B, H, T, hs/2)
         rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)  # (B, H, T, hs/2, 2)
@@ -397,7 +407,13 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
-FEEDFORWARDS = {"relu": MLP, "gelu": partial(MLP, activation=nn.GELU), "swiglu": SwiGLU}
+FEEDFORWARDS = {
+    "relu": MLP,
+    "gelu": partial(MLP, activation=nn.GELU),
+    # GPT-2's GELU: the tanh approximation, within 4.8e-4 of the exact one (enough to break a 1e-5 logit match)
+    "gelu_tanh": partial(MLP, activation=partial(nn.GELU, approximate="tanh")),
+    "swiglu": SwiGLU,
+}
 
 
 # ---------------------------------------------------------------- blocks
@@ -408,9 +424,9 @@ class Block(nn.Module):
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
-        self.norm1 = NORMS[config.norm](config.n_embd)
+        self.norm1 = NORMS[config.norm](config.n_embd, config.norm_eps)
         self.attention = Attention(config)
-        self.norm2 = NORMS[config.norm](config.n_embd)
+        self.norm2 = NORMS[config.norm](config.n_embd, config.norm_eps)
         self.feedforward = FEEDFORWARDS[config.feedforward](config.n_embd, config.ff_hidden)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -437,18 +453,41 @@ BLOCKS = {"pre": Block, "post": PostNormBlock}
 # ---------------------------------------------------------------- the shared trunk
 
 
+class FactorisedEmbedding(nn.Module):
+    """ALBERT's factorised embedding (Lan et al., 2020): a (V, E) table, then a linear map E -> C, so the
+    vocabulary costs V*E + E*C + C parameters instead of V*C (positions are still added in C space here)."""
+
+    def __init__(self, vocab_size: int, embedding_dim: int, n_embd: int):
+        super().__init__()
+        self.table = nn.Embedding(vocab_size, embedding_dim)
+        self.projection = nn.Linear(embedding_dim, n_embd)
+
+    def forward(self, idx):
+        return self.projection(self.table(idx))  # (B, T, C)
+
+
+def token_embedding(config: TransformerConfig) -> nn.Module:
+    """nn.Embedding(V, C), or ALBERT's factorised one when embedding_dim is set and differs from n_embd."""
+    if config.embedding_dim in (None, config.n_embd):
+        return nn.Embedding(config.vocab_size, config.n_embd)
+    return FactorisedEmbedding(config.vocab_size, config.embedding_dim, config.n_embd)
+
+
 class Trunk(nn.Module):
     """Token embedding, positions, the stack of blocks and the final norm, shared by encoder and decoder."""
 
     def __init__(self, config: TransformerConfig, causal: bool, max_len: int):
         super().__init__()
-        self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
+        self.token_embedding = token_embedding(config)
         self.positions = POSITIONS[config.position](config, max_len)
         self.mask = AttentionMask(config.attention_pattern, config.window, causal, max_len)
         self.dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(BLOCKS[config.norm_placement](config) for _ in range(config.n_layer))
+        # ALBERT's cross-layer sharing: one block, applied n_layer times (the same module at every index)
+        distinct = 1 if config.share_layers else config.n_layer
+        blocks = [BLOCKS[config.norm_placement](config) for _ in range(distinct)]
+        self.blocks = nn.ModuleList(blocks[layer % distinct] for layer in range(config.n_layer))
         # a post-norm stack already ends in a norm
-        self.final_norm = NORMS[config.norm](config.n_embd) if config.norm_placement == "pre" else nn.Identity()
+        self.final_norm = NORMS[config.norm](config.n_embd, config.norm_eps) if config.norm_placement == "pre" else nn.Identity()
 
     def forward(self, x, key_mask=None, caches=None, return_attention=False):
         """x: (B, T, C) embeddings; key_mask: (B, Tk) True for real tokens. Returns (B, T, C) and maps."""

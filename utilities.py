@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no screen needed
 import matplotlib.pyplot as plt
+import safetensors.torch
 import torch
 
 from transformer import TransformerClassifier, TransformerConfig, TransformerLM
@@ -186,7 +187,9 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 # "model": "classifier" | "lm"), tokenizer.json and metrics.json. It is written into a hidden sibling
 # directory and renamed into place, so a reader sees the old checkpoint or the new one, never a mix.
 
-CHECKPOINT_FILES = ("model.pt", "config.json", "tokenizer.json", "metrics.json")
+# weights go to model.safetensors (no pickle, read by the whole ecosystem); model.pt is the format before it, still loaded
+CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json", "metrics.json")
+LEGACY_WEIGHTS = "model.pt"
 CHECKPOINT_MODELS = {"classifier": TransformerClassifier, "lm": TransformerLM}
 
 
@@ -220,15 +223,26 @@ def _replace_directory(source: Path, target: Path):
         shutil.rmtree(aside)
 
 
+def unique_state_dict(model: torch.nn.Module) -> dict:
+    """The state_dict without the second name of a tied tensor (safetensors stores each tensor once)."""
+    seen, unique = set(), {}
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            unique[name] = tensor
+    return unique
+
+
 def save_checkpoint(directory: Path, model: torch.nn.Module, config_dict: dict, tokenizer_json: str, metrics: dict) -> Path:
-    """Write model.pt, config.json, tokenizer.json and metrics.json as one directory, atomically."""
+    """Write model.safetensors, config.json, tokenizer.json and metrics.json as one directory, atomically."""
     directory = Path(directory)
     if config_dict.get("model") not in CHECKPOINT_MODELS:
         raise ValueError(f"config_dict['model'] must be one of {', '.join(CHECKPOINT_MODELS)}, got {config_dict.get('model')!r}")
     directory.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.new."))
     try:
-        torch.save(model.state_dict(), temporary / "model.pt")
+        weights = {name: tensor.detach().cpu().contiguous() for name, tensor in unique_state_dict(model).items()}
+        safetensors.torch.save_file(weights, temporary / "model.safetensors", metadata={"format": "pt"})
         (temporary / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n", encoding="utf-8")
         (temporary / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
         (temporary / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
@@ -253,9 +267,12 @@ def _read_json(path: Path, kind=dict):
 
 
 def _read_weights(path: Path) -> dict:
-    """The state_dict in `path`, loaded without unpickling arbitrary objects; CheckpointError otherwise."""
+    """The state_dict in `path` (safetensors, or a legacy torch.save file loaded without unpickling objects)."""
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            state_dict = safetensors.torch.load_file(path, device="cpu")
+        else:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated or corrupt archives fail in many ways (RuntimeError, EOFError, ...)
         # torch's own text may be long or misleading (a corrupt file is "Weights only load failed")
         raise CheckpointError(f"{path}: unreadable weights, truncated or corrupt ({type(error).__name__})") from error
@@ -264,13 +281,21 @@ def _read_weights(path: Path) -> dict:
     return state_dict
 
 
+def _weights_path(directory: Path) -> Path:
+    """model.safetensors, or model.pt where only that (a checkpoint saved before safetensors) is there."""
+    if not (directory / CHECKPOINT_FILES[0]).is_file() and (directory / LEGACY_WEIGHTS).is_file():
+        return directory / LEGACY_WEIGHTS
+    return directory / CHECKPOINT_FILES[0]
+
+
 def load_checkpoint(directory: Path) -> tuple[dict, dict, str, dict]:
     """(state_dict, config_dict, tokenizer_json, metrics) of a checkpoint; CheckpointError if any is unusable."""
     directory = Path(directory)
-    for name in CHECKPOINT_FILES:
-        if not (directory / name).is_file():
-            raise CheckpointError(f"{directory / name}: missing from the checkpoint")
-    state_dict = _read_weights(directory / "model.pt")
+    weights = _weights_path(directory)
+    for path in (weights, *(directory / name for name in CHECKPOINT_FILES[1:])):
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing from the checkpoint")
+    state_dict = _read_weights(weights)
     config_dict = _read_json(directory / "config.json")
     _read_json(directory / "tokenizer.json")  # checked here, parsed by the tokenizer
     tokenizer_json = (directory / "tokenizer.json").read_text(encoding="utf-8")
@@ -303,8 +328,11 @@ def build_and_load(directory: Path) -> tuple[torch.nn.Module, str, dict]:
         model = CHECKPOINT_MODELS[kind](TransformerConfig(**options))
     except (TypeError, ValueError) as error:  # unknown option, or a value validate() rejects
         raise CheckpointError(f"{config_path}: cannot build the model ({error})") from error
-    problem = _mismatch(model.state_dict(), state_dict)
+    # a legacy model.pt holds a tied matrix under both names, model.safetensors under the first only
+    weights = _weights_path(directory)
+    expected = model.state_dict() if weights.name == LEGACY_WEIGHTS else unique_state_dict(model)
+    problem = _mismatch(expected, state_dict)
     if problem:
-        raise CheckpointError(f"{directory / 'model.pt'}: does not match config.json: {problem}")
-    model.load_state_dict(state_dict)
+        raise CheckpointError(f"{weights}: does not match config.json: {problem}")
+    model.load_state_dict(state_dict, strict=False)  # the keys were checked above; a tied name shares its tensor
     return model.eval(), tokenizer_json, metrics

@@ -43,7 +43,7 @@ def test_lm_round_trip_gives_identical_logits(tmp_path, changes):
     assert tokenizer_json == TOKENIZER and metrics == {"perplexity": 99.5, "steps": [1, 2]}
     state_dict, config_dict, _, _ = load_checkpoint(tmp_path / "run")
     assert config_dict == {**model.config.to_dict(), "model": "lm"}
-    assert state_dict.keys() == model.state_dict().keys()
+    assert state_dict.keys() == utilities.unique_state_dict(model).keys()  # a tied matrix once
 
 
 def test_classifier_round_trip(tmp_path):
@@ -63,19 +63,45 @@ def test_missing_file(tmp_path, name):
         build_and_load(tmp_path / "run")
 
 
+def save_legacy(directory, model):
+    """A checkpoint as saved before safetensors: the full state_dict (tied names twice) in model.pt."""
+    save(directory, model)
+    (directory / "model.safetensors").unlink()
+    torch.save(model.state_dict(), directory / "model.pt")
+
+
+@pytest.mark.parametrize("changes", [{}, {"tie_embeddings": True}])
+def test_legacy_model_pt_still_loads(tmp_path, changes):
+    model = lm(**changes)
+    save_legacy(tmp_path / "old", model)
+    loaded, _, _ = build_and_load(tmp_path / "old")
+    assert torch.equal(logits(loaded), logits(model))
+
+
+def test_tied_matrix_is_stored_once(tmp_path):
+    from safetensors import safe_open
+
+    save(tmp_path / "run", lm(tie_embeddings=True))
+    with safe_open(tmp_path / "run" / "model.safetensors", "pt") as weights:
+        names = set(weights.keys())
+    assert "decoder.token_embedding.weight" in names and "lm_head.weight" not in names
+
+
+@pytest.mark.parametrize("legacy", [False, True])
 @pytest.mark.parametrize("damage", ["truncate", "empty", "garbage"])
-def test_corrupt_weights(tmp_path, damage):
-    save(tmp_path / "run", lm())
-    weights = tmp_path / "run" / "model.pt"
+def test_corrupt_weights(tmp_path, damage, legacy):
+    (save_legacy if legacy else save)(tmp_path / "run", lm())
+    name = "model.pt" if legacy else "model.safetensors"
+    weights = tmp_path / "run" / name
     data = weights.read_bytes()
     weights.write_bytes({"truncate": data[: len(data) // 2], "empty": b"", "garbage": os.urandom(2000)}[damage])
-    with pytest.raises(CheckpointError, match=r"model\.pt: unreadable weights, truncated or corrupt \(\w+\)$") as caught:
+    with pytest.raises(CheckpointError, match=rf"{name}: unreadable weights, truncated or corrupt \(\w+\)$") as caught:
         load_checkpoint(tmp_path / "run")
     assert "\n" not in str(caught.value)
 
 
 def test_weights_that_are_not_a_state_dict(tmp_path):
-    save(tmp_path / "run", lm())
+    save_legacy(tmp_path / "run", lm())
     torch.save({"step": 3}, tmp_path / "run" / "model.pt")
     with pytest.raises(CheckpointError, match=r"model\.pt: not a state_dict of tensors$"):
         load_checkpoint(tmp_path / "run")
@@ -91,13 +117,13 @@ def test_invalid_json(tmp_path, name):
 
 def test_config_of_another_size(tmp_path):
     save(tmp_path / "run", lm(), n_embd=32)  # weights of a 16-wide model under a 32-wide config
-    with pytest.raises(CheckpointError, match=r"model\.pt: does not match config\.json: .* tensors of the wrong shape"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: does not match config\.json: .* tensors of the wrong shape"):
         build_and_load(tmp_path / "run")
 
 
 def test_config_of_another_depth(tmp_path):
     save(tmp_path / "run", lm(), n_layer=3)
-    with pytest.raises(CheckpointError, match=r"model\.pt: does not match config\.json: 12 missing and 0 unexpected"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: does not match config\.json: 12 missing and 0 unexpected"):
         build_and_load(tmp_path / "run")
 
 
@@ -141,12 +167,12 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     model = lm()
     save(tmp_path / "run", model, metrics={"version": 1})
 
-    def torch_save_dies_midway(obj, path):
+    def save_dies_midway(tensors, path, metadata=None):
         with open(path, "wb") as handle:
-            handle.write(b"PK\x03\x04 half an archive")
+            handle.write(b"\x08\x00\x00\x00 half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(torch, "save", torch_save_dies_midway)
+    monkeypatch.setattr(utilities.safetensors.torch, "save_file", save_dies_midway)
     with pytest.raises(KeyboardInterrupt):
         save(tmp_path / "run", TransformerLM(config()), metrics={"version": 2})
     monkeypatch.undo()
@@ -172,7 +198,8 @@ def test_failed_swap_puts_the_previous_checkpoint_back(tmp_path, monkeypatch):
 
 
 def test_first_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch, "save", lambda obj, path: (_ for _ in ()).throw(RuntimeError("out of space")))
+    monkeypatch.setattr(utilities.safetensors.torch, "save_file",
+                        lambda tensors, path, metadata=None: (_ for _ in ()).throw(RuntimeError("out of space")))
     with pytest.raises(RuntimeError, match="out of space"):
         save(tmp_path / "run", lm())
     assert os.listdir(tmp_path) == []

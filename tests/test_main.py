@@ -219,10 +219,10 @@ def test_generate_from_a_broken_checkpoint_gives_one_line_and_status_2(saved_dec
 
     broken = tmp_path / "broken"
     shutil.copytree(saved_decoder / "checkpoint", broken)
-    weights = (broken / "model.pt").read_bytes()
-    (broken / "model.pt").write_bytes(weights[: len(weights) // 2])
+    weights = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     status, _, err = run(capsys, "generate", "--checkpoint", broken, "--prompt", "We will")
-    assert status == 2 and "model.pt" in err and len(err.strip().splitlines()) == 1
+    assert status == 2 and "model.safetensors" in err and len(err.strip().splitlines()) == 1
 
 
 def test_improve_puts_baselines_base_and_best_side_by_side(small_data, tmp_path, capsys):

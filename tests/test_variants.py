@@ -1,5 +1,7 @@
 """Architecture variants (part three exploration) against independent references."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -147,3 +149,76 @@ def test_tied_embeddings_share_one_matrix():
     untied, tied = TransformerLM(small()), TransformerLM(small(tie_embeddings=True))
     assert tied.lm_head.weight is tied.decoder.token_embedding.weight
     assert count_parameters(untied) - count_parameters(tied) == V * 16
+
+
+# ---------------------------------------------------------------- ALBERT: shared layers, factorised embeddings
+
+
+def block_parameters(C: int, F: int) -> int:
+    """One pre-norm block with a ReLU MLP, by formula: two LayerNorms, q/k/v and output projections, the MLP."""
+    return 2 * 2 * C + (C * 3 * C + 3 * C) + (C * C + C) + (C * F + F) + (F * C + C)
+
+
+def lm_parameters(V: int, T: int, C: int, F: int, L: int, E: int | None = None) -> int:
+    """The decoder by formula: token table (factorised: V*E + E*C + C), positions, L blocks, final norm, head."""
+    embedding = V * C if E is None else V * E + E * C + C
+    return embedding + T * C + L * block_parameters(C, F) + 2 * C + (C * V + V)
+
+
+@pytest.mark.parametrize(("share", "E"), [(False, None), (True, None), (False, 4), (True, 4)])
+def test_albert_parameter_counts_follow_the_formula(share, E):
+    config = replace(small(share_layers=share, embedding_dim=E), n_layer=3)
+    expected = lm_parameters(V, 16, 16, 24, 1 if share else 3, E)
+    assert count_parameters(TransformerLM(config)) == expected
+
+
+def test_shared_layers_are_one_module_applied_n_layer_times():
+    torch.manual_seed(0)
+    model = TransformerLM(replace(small(share_layers=True), n_layer=3))
+    blocks = model.decoder.blocks
+    assert len(blocks) == 3 and blocks[0] is blocks[1] is blocks[2]
+    # the same function three times: applying block 0 three times by hand gives the model's hidden states
+    idx = torch.randint(2, V, (2, 10))
+    trunk = model.decoder
+    x = trunk.positions.embed(trunk.token_embedding(idx), 0)
+    mask = trunk.mask(0, 10, 10)[None, None]
+    for _ in range(3):
+        x, _ = blocks[0](x, mask, trunk.positions)
+    with torch.no_grad():
+        assert torch.allclose(model.lm_head(trunk.final_norm(x)), model(idx).logits, atol=1e-6)
+
+
+def test_factorised_embedding_is_a_narrow_table_then_a_projection():
+    torch.manual_seed(0)
+    model = TransformerClassifier(small(embedding_dim=4))
+    embedding = model.encoder.token_embedding
+    assert embedding.table.weight.shape == (V, 4) and embedding.projection.weight.shape == (16, 4)
+    idx = torch.tensor([[5, 7]])
+    expected = embedding.table.weight[idx] @ embedding.projection.weight.T + embedding.projection.bias
+    assert torch.allclose(embedding(idx), expected)
+
+
+def test_albert_defaults_leave_the_base_model_unchanged():
+    torch.manual_seed(0)
+    base = TransformerLM(small())
+    torch.manual_seed(0)
+    explicit = TransformerLM(small(share_layers=False, embedding_dim=16))  # E = n_embd: no factorisation
+    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), explicit.state_dict().values(), strict=True))
+
+
+def test_tied_embeddings_with_a_narrow_table_is_refused():
+    with pytest.raises(ValueError, match="tie_embeddings needs the token table n_embd wide"):
+        small(embedding_dim=4, tie_embeddings=True).validate()
+
+
+def test_shared_layers_checkpoint_round_trip(tmp_path):
+    import utilities
+
+    torch.manual_seed(0)
+    model = TransformerLM(small(share_layers=True, embedding_dim=8))
+    utilities.save_checkpoint(tmp_path / "run", model, {**model.config.to_dict(), "model": "lm"}, '{"type": "absent"}', {})
+    loaded, _, _ = utilities.build_and_load(tmp_path / "run")
+    idx = torch.randint(2, V, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx).logits, model.eval()(idx).logits)
+    assert loaded.decoder.blocks[0] is loaded.decoder.blocks[1]
