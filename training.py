@@ -222,14 +222,14 @@ def train_step(trainer, optimizer, inputs, targets, training: TrainingConfig, pa
                count_correct: bool) -> tuple[float, int, int]:
     """One optimiser step on a batch: this process's share of it in training.grad_accum micro-batches, each loss
     weighted by its share of the batch's targets so that the gradients add up to the whole batch's mean;
-    returns (mean loss, correct argmax predictions, targets) of this process's share."""
+    returns this process's share of the batch's mean loss, and its correct argmax predictions and targets."""
     total = targets.numel()
     pieces = list(zip(data_parallel.micro_batches(inputs, parallel, training.grad_accum),
                       data_parallel.micro_batches(targets, parallel, training.grad_accum)))
     optimizer.zero_grad(set_to_none=True)
-    loss_sum, correct = 0.0, 0
+    loss_sum, correct, count = 0.0, 0, 0
     for index, (x, y) in enumerate(pieces):
-        share = y.numel() / total
+        share, count = y.numel() / total, count + y.numel()
         if share == 0:  # fewer rows than micro-batches: a row that adds nothing keeps every process's passes in step
             x, y = inputs[:1], targets[:1]
         x, y = x.to(device), y.to(device)
@@ -242,7 +242,7 @@ def train_step(trainer, optimizer, inputs, targets, training: TrainingConfig, pa
         if count_correct and share:
             correct += (output.logits.detach().argmax(-1) == y).sum().item()
     optimizer.step()
-    return loss_sum, correct, total
+    return loss_sum, correct, count
 
 
 def record_evaluation(state: LoopState, model, evaluate, logger: StepLogger, parallel: Parallel):
