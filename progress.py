@@ -38,7 +38,7 @@ class StepLogger:
     def __init__(self, total: int, start: int = 0, log_dir: Path | None = None, name: str = "training",
                  show_bar: bool = False):
         self.started = time.perf_counter()
-        self.bar = tqdm(total=total, initial=start, desc=name, unit="step", dynamic_ncols=True) if show_bar else None
+        self.bar = tqdm(total=total, initial=start, desc=name, unit="step", dynamic_ncols=True, leave=False) if show_bar else None
         self.log, self.tensorboard = None, None
         if log_dir is not None:
             path = Path(log_dir) / f"{name}.jsonl"
