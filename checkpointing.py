@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from parallel import SINGLE, Parallel
+from parallel import SINGLE, Parallel, gather
 from utilities import atomic_write
 
 STATE_FILE = "state.pt"
@@ -92,14 +92,14 @@ class Checkpointer:
         return self.every > 0 and step % self.every == 0
 
     def save(self, step: int, components: dict, progress: dict) -> Path:
-        """Write the checkpoint (process 0 only: the processes hold the same state)."""
+        """Write the checkpoint: process 0 writes, as the processes hold the same state but for their random numbers."""
         path = self.directory / STATE_FILE
+        rng = gather({"torch": torch.get_rng_state(),  # each process's dropout draws its own numbers
+                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, self.parallel)
         if not self.parallel.is_main:
             return path
-        state = {"identity": self.identity, "step": step, "progress": progress,
-                 "components": {name: component.state_dict() for name, component in components.items()},
-                 "rng": {"torch": torch.get_rng_state(),
-                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+        state = {"identity": self.identity, "step": step, "progress": progress, "rng": rng,
+                 "components": {name: component.state_dict() for name, component in components.items()}}
         atomic_write(path, lambda temporary: _save_file(state, temporary))
         return path
 
@@ -117,9 +117,10 @@ class Checkpointer:
             raise ResumeError(f"{path} cannot resume this run: {problem}")
         for name, component in components.items():
             component.load_state_dict(state["components"][name])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        rng = state["rng"][self.parallel.rank]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"])
         return state["step"], state["progress"]
 
 

@@ -93,3 +93,12 @@ def from_main(value, parallel: Parallel):
     box = [value]
     dist.broadcast_object_list(box, src=0, device=parallel.device)
     return box[0]
+
+
+def gather(value, parallel: Parallel) -> list:
+    """Every process's `value`, in rank order, on every process ([value] with one process)."""
+    if not parallel.active:
+        return [value]
+    values = [None] * parallel.world_size
+    dist.all_gather_object(values, value)
+    return values
