@@ -275,8 +275,9 @@ def fit(model, batches, steps: int, eval_every: int, evaluate, training: Trainin
     trainer = data_parallel.wrap(model, parallel)
     state = LoopState()
     checkpointer, components = None, {"model": model, "optimizer": optimizer, "schedule": schedule, "batches": batches}
-    if harness.checkpoint_dir is not None:
-        checkpointer = Checkpointer(harness.checkpoint_dir, harness.checkpoint_every, harness.identity, parallel)
+    if harness.checkpoint_dir is not None or harness.resume is not None:  # without a folder of its own, it writes back
+        directory = harness.checkpoint_dir or harness.resume
+        checkpointer = Checkpointer(directory, harness.checkpoint_every, harness.identity, parallel)
     if harness.resume is not None:
         step, progress = checkpointer.load(harness.resume, components)
         state = LoopState(step, **progress)
