@@ -52,7 +52,7 @@ def read_labelled_segments(path: Path, hint: str = "", num_classes: int = len(CL
             raise DataError(f"{path}:{number}: expected 'label<TAB>segment', found {len(fields) - 1} tabs")
         label, text = fields[0].strip(), fields[1].strip()
         if label not in labels:
-            raise DataError(f"{path}:{number}: label {label!r} is not one of 0 .. {num_classes - 1}")
+            raise DataError(f"{path}:{number}: label {label!r} is not {', '.join(labels[:-1])} or {labels[-1]}")
         if not text:
             segments.skipped_empty += 1
             continue
@@ -143,6 +143,55 @@ def random_windows(data: torch.Tensor, block_size: int, batch_size: int, generat
     inputs = data[starts[:, None] + offsets]  # (B, T)
     targets = data[starts[:, None] + offsets + 1]  # (B, T)
     return inputs, targets
+
+
+class EpochBatches:
+    """Endless shuffled epochs of (ids, labels) batches, whose place in the data order can be saved and restored."""
+
+    def __init__(self, ids: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator):
+        self.ids, self.labels, self.batch_size, self.generator = ids, labels, batch_size, generator
+        self.epoch_start, self.order, self.position = None, [], 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.position == len(self.order):  # a new epoch draws its order only when its first batch is asked for
+            self.epoch_start = self.generator.get_state()
+            self.order, self.position = shuffled_batches(len(self.ids), self.batch_size, self.generator), 0
+        index = self.order[self.position]
+        self.position += 1
+        return self.ids[index], self.labels[index]
+
+    def state_dict(self) -> dict:
+        """The generator as it stood before this epoch's shuffle, and the batches of it already given."""
+        return {"epoch_start": self.epoch_start, "position": self.position}
+
+    def load_state_dict(self, state: dict):
+        if state["epoch_start"] is not None:
+            self.generator.set_state(state["epoch_start"])
+            self.order = shuffled_batches(len(self.ids), self.batch_size, self.generator)
+            self.epoch_start = state["epoch_start"]
+        self.position = state["position"]
+
+
+class WindowBatches:
+    """Endless batches of random windows of a token stream (see random_windows), with a savable generator."""
+
+    def __init__(self, stream: torch.Tensor, block_size: int, batch_size: int, generator: torch.Generator):
+        self.stream, self.block_size, self.batch_size, self.generator = stream, block_size, batch_size, generator
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return random_windows(self.stream, self.block_size, self.batch_size, self.generator)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict):
+        self.generator.set_state(state["generator"])
 
 
 def consecutive_windows(data: torch.Tensor, block_size: int):

@@ -1,6 +1,9 @@
 """The course suite: python main.py --part one|two|three [options]."""
 
 import argparse
+import contextlib
+import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -11,11 +14,13 @@ import corpus
 import experiments
 import heads
 import hf_bridge
+import parallel as data_parallel
 import scaling
 import seq2seq
 import training
 import utilities
 from baselines import audit, format_audit
+from checkpointing import TrainingInterrupted
 from dataset import DataError, read_labelled_segments, read_text
 from generation import STRATEGIES, generate
 from tokenizer import PAD_ID, UNK_ID, WordTokenizer, tokenizer_from_json
@@ -67,9 +72,22 @@ def save_model(run: Run, model, task: str, metrics: dict):
         print(f"saved checkpoint to {path}")
 
 
+def harness(run: Run, part: str, course: TrainingConfig) -> training.Harness:
+    """Checkpoints, progress, logs and data parallel processes for a part's training, from the flags."""
+    args = run.args
+    resumable = not course.refit  # a refit is a second training in the same command: not resumable (yet)
+    if not resumable and (args.checkpoint_every or args.resume):
+        raise ValueError("--checkpoint-every and --resume need a run without a refit (the best preset refits)")
+    return training.Harness(name=f"part_{part}", checkpoint_dir=args.out / f"checkpoint_part_{part}" if resumable else None,
+                            checkpoint_every=args.checkpoint_every, resume=args.resume, log_dir=args.log_dir,
+                            progress_bar=not args.quiet and sys.stderr.isatty(), parallel=run.parallel)
+
+
 def part_one(run: Run) -> tuple[dict, list[str]]:
     """Encoder + classifier: per-epoch table, final, seen and unseen test accuracy."""
-    model, report = train_classifier(run, model_config(run, "classifier"), training_config(run, "classifier"), run.args.seed)
+    course = training_config(run, "classifier")
+    model, report = train_classifier(run, model_config(run, "classifier"), course, run.args.seed,
+                                     harness=harness(run, "one", course))
     failures = check_attention(run, model, False, "part1_encoder")
     result = {"vocab_size": run.tokenizer.vocab_size, "tokenizer": run.args.tokenizer, **report,
               "extra": extra_accuracy(run, model)}
@@ -102,7 +120,8 @@ def plot_perplexities(run: Run, reports: dict, path: Path, title: str):
 
 def part_two(run: Run) -> tuple[dict, list[str]]:
     """Decoder language model: perplexity every eval_interval iterations."""
-    model, report = train_language_model(run, model_config(run, "lm"), training_config(run, "lm"), run.args.seed)
+    course = training_config(run, "lm")
+    model, report = train_language_model(run, model_config(run, "lm"), course, run.args.seed, harness=harness(run, "two", course))
     failures = check_attention(run, model, True, "part2_decoder")
     result = {"vocab_size": run.tokenizer.vocab_size, "tokenizer": run.args.tokenizer, **report,
               "extra": extra_perplexity(run, model)}
@@ -234,6 +253,28 @@ def print_part_three_table(result: dict):
 PARTS = {"one": part_one, "two": part_two, "three": part_three}
 
 
+def quiet_unless_main(run: Run):
+    """Data parallel processes other than 0 print nothing and write no plots, heatmaps or saved models."""
+    if run.parallel.is_main:
+        return contextlib.nullcontext()
+    run.args.no_plots, run.args.save = True, None
+    return contextlib.redirect_stdout(open(os.devnull, "w"))  # the process exits right after
+
+
+def resume_command(argv: list[str], directory: Path, parallel) -> str:
+    """The command line that continues a stopped run: the same options, and --resume DIR."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--resume="):
+            skip = False
+            continue
+        skip = arg == "--resume"
+        if not skip:
+            kept.append(arg)
+    launcher = f"torchrun --nproc-per-node {parallel.world_size} main.py" if parallel.active else "python main.py"
+    return f"{launcher} {shlex.join([*kept, '--resume', str(directory)])}"
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -290,6 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name in training.TRAINING_FLAGS:
         kind = float if name == "learning_rate" else int
         optimisation.add_argument("--" + name.replace("_", "-"), type=kind, help=f"base: {getattr(course, name)}")
+    long_runs = parser.add_argument_group("long runs (parts one and two; docs/long-runs.md)")
+    long_runs.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                         help="write a resumable checkpoint to OUT/checkpoint_part_PART every STEPS steps "
+                              "(one is also written on Ctrl-C or SIGTERM)")
+    long_runs.add_argument("--resume", type=Path, metavar="DIR", help="continue the run whose checkpoint is in DIR")
+    long_runs.add_argument("--log-dir", type=Path, metavar="DIR",
+                         help="write a JSON-lines log of steps and evaluations (and TensorBoard events if installed)")
+    long_runs.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -365,20 +414,36 @@ def main(argv=None) -> int:
         return COMMANDS[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
     try:
+        if args.checkpoint_every < 0:
+            raise ValueError(f"--checkpoint-every must be 0 (off) or positive, got {args.checkpoint_every}")
+        if args.part == "three" and (args.checkpoint_every or args.resume or data_parallel.launched_by_torchrun()):
+            raise ValueError("checkpoints, --resume and torchrun apply to parts one and two")
         run = training.make_run(args)
-        data = run.data
-        started = time.perf_counter()
-        if args.audit:
-            print(format_audit(audit(run.data)) + "\n")
-        result, failures = PARTS[args.part](run)
-        result["seconds"] = time.perf_counter() - started
-        result["data"] = data.source
-        result["seed"] = args.seed
-        result["skipped_empty_segments"] = data.train_cls.skipped_empty + data.test_cls.skipped_empty
-        path = utilities.write_json(run.out / f"part_{args.part}.json", result)
+        if data_parallel.launched_by_torchrun():
+            run.parallel, run.device = data_parallel.start(run.device)
+        with quiet_unless_main(run):
+            data = run.data
+            started = time.perf_counter()
+            if args.audit:
+                print(format_audit(audit(run.data)) + "\n")
+            result, failures = PARTS[args.part](run)
+            result["seconds"] = time.perf_counter() - started
+            result["data"] = data.source
+            result["seed"] = args.seed
+            result["skipped_empty_segments"] = data.train_cls.skipped_empty + data.test_cls.skipped_empty
+            if not run.parallel.is_main:
+                return 0
+            path = utilities.write_json(run.out / f"part_{args.part}.json", result)
     except (DataError, ValueError, OSError) as error:
         print(f"main.py: error: {error}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stopped:
+        if run.parallel.is_main:
+            print(f"main.py: {stopped}; checkpoint written to {stopped.directory}\n"
+                  f"resume with: {resume_command(argv, stopped.directory, run.parallel)}", file=sys.stderr)
+        return stopped.exit_status
+    finally:
+        data_parallel.stop()
     print(f"\nwrote {path} ({result['seconds']:.1f} s)")
     if failures:
         print("attention sanity checks FAILED:", *failures, sep="\n  ", file=sys.stderr)

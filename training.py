@@ -5,25 +5,32 @@ functions; nothing here knows about argparse.
 """
 
 import copy
+import hashlib
 import math
+import signal
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import corpus
+import parallel as data_parallel
+from checkpointing import Checkpointer, StopRequest, TrainingInterrupted, identity
 from dataset import (
     DataError,
+    EpochBatches,
     LabelledSegments,
+    WindowBatches,
     consecutive_windows,
     encode_segments,
     load_speeches,
-    random_windows,
-    shuffled_batches,
     split_lines,
     stratified_split,
 )
+from parallel import SINGLE, Parallel
+from progress import StepLogger
 from tokenizer import ByteBPETokenizer, WordTokenizer
 from transformer import TransformerClassifier, TransformerConfig, TransformerLM, count_parameters
 
@@ -53,9 +60,12 @@ class TrainingConfig:
     # the language model's train perplexity over the first this-many tokens of the training stream (None: all of
     # it, as the course does); the scaling study's 1.6M-token slices would otherwise spend most of their time there
     train_eval_tokens: int | None = None
+    # split each batch into this many micro-batches, one forward and backward each, then one optimiser step:
+    # the same gradient (within float rounding) in less memory; batch_size stays the batch of each step
+    grad_accum: int = 1
 
     def validate(self) -> "TrainingConfig":
-        for name in ("batch_size", "epochs", "max_iters", "eval_interval", "stop_after"):
+        for name in ("batch_size", "epochs", "max_iters", "eval_interval", "stop_after", "grad_accum"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.learning_rate <= 0:
@@ -99,6 +109,7 @@ class Run:
     device: torch.device
     out: object
     words: WordTokenizer  # counts words for word-level perplexity, whatever the model's tokenizer
+    parallel: Parallel = SINGLE  # this process among torchrun's data parallel processes
 
     @property
     def heatmap_dir(self):
@@ -133,7 +144,7 @@ def make_run(args, log=print) -> Run:
 
 
 MODEL_FLAGS = ("block_size", "n_embd", "n_head", "n_layer", "ff_hidden")
-TRAINING_FLAGS = ("batch_size", "learning_rate", "epochs", "max_iters", "eval_interval")
+TRAINING_FLAGS = ("batch_size", "learning_rate", "epochs", "max_iters", "eval_interval", "grad_accum")
 
 
 def flags(args, names) -> dict:
@@ -154,6 +165,31 @@ def training_config(run: Run, task: str, preset: str | None = None) -> TrainingC
     preset = getattr(PRESETS[preset or run.args.preset], task)[1]
     return replace(TrainingConfig(), **{**preset, **flags(run.args, TRAINING_FLAGS)}).validate()
 
+
+@dataclass
+class Harness:
+    """How a training runs, never what it learns: checkpoints, progress and logs, data parallel processes."""
+
+    name: str = "training"  # names its log file and progress bar
+    checkpoint_dir: Path | None = None  # None: no checkpoints, and Ctrl-C stops as it always did
+    checkpoint_every: int = 0  # steps; 0: a checkpoint only when stopped by SIGINT or SIGTERM
+    resume: Path | None = None  # a checkpoint folder to continue from
+    log_dir: Path | None = None
+    progress_bar: bool = False
+    parallel: Parallel = SINGLE
+    identity: dict = field(default_factory=dict)  # what a checkpoint must match (set by the train_* functions)
+
+    def without_checkpoints(self, name: str) -> "Harness":
+        """The same harness for a second training of the same command (a refit), which is not resumable."""
+        return replace(self, name=name, checkpoint_dir=None, checkpoint_every=0, resume=None)
+
+
+def run_identity(run: Run, task: str, config: TransformerConfig, training: TrainingConfig, seed: int, data: str,
+                 harness: Harness) -> dict:
+    """The configuration, data and process count a checkpoint of this training must match."""
+    return identity(task=task, model=config.to_dict(), training=asdict(training), seed=seed,
+                    tokenizer={"kind": type(run.tokenizer).__name__, "vocab_size": run.tokenizer.vocab_size},
+                    data=hashlib.sha256(data.encode("utf-8")).hexdigest()[:16], processes=harness.parallel.world_size)
 
 
 # ---------------------------------------------------------------- the shared training loop
@@ -176,39 +212,108 @@ def make_optimizer(model, training: TrainingConfig, total_steps: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+@dataclass
+class LoopState:
+    """Where fit() stands: what a checkpoint keeps besides the model, optimiser, schedule and data order."""
+
+    step: int = 0
+    history: list = field(default_factory=list)  # evaluation rows
+    running: list = field(default_factory=list)  # (loss, correct, targets) of each step since the last evaluation
+    best: tuple | None = None  # (validation score, state_dict) of the best evaluation so far
+
+
+def train_step(trainer, optimizer, inputs, targets, training: TrainingConfig, parallel: Parallel, device,
+               count_correct: bool) -> tuple[float, int, int]:
+    """One optimiser step on a batch: this process's share of it in training.grad_accum micro-batches, each loss
+    weighted by its share of the batch's targets so that the gradients add up to the whole batch's mean;
+    returns this process's share of the batch's mean loss, and its correct argmax predictions and targets."""
+    total = targets.numel()
+    pieces = list(zip(data_parallel.micro_batches(inputs, parallel, training.grad_accum),
+                      data_parallel.micro_batches(targets, parallel, training.grad_accum)))
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum, correct, count = 0.0, 0, 0
+    for index, (x, y) in enumerate(pieces):
+        share, count = y.numel() / total, count + y.numel()
+        if share == 0:  # fewer rows than micro-batches: a row that adds nothing keeps every process's passes in step
+            x, y = inputs[:1], targets[:1]
+        x, y = x.to(device), y.to(device)
+        with data_parallel.no_sync(trainer, sync=index == len(pieces) - 1):
+            output = trainer(x, y)
+            weight = share * parallel.world_size  # DDP averages the processes' gradients; this undoes the division
+            (output.loss if weight == 1 else output.loss * weight).backward()
+        loss_sum += share * output.loss.item()
+        # an argmax over the decoder's (B, T, vocabulary) logits costs ~7% of its step: only when asked for
+        if count_correct and share:
+            correct += (output.logits.detach().argmax(-1) == y).sum().item()
+    optimizer.step()
+    return loss_sum, correct, count
+
+
+def record_evaluation(state: LoopState, model, evaluate, logger: StepLogger, parallel: Parallel):
+    """Process 0 evaluates (the others wait for its row, so no work is duplicated); keep the best weights."""
+    model.eval()
+    row = None
+    if parallel.is_main:
+        with logger.printing():
+            row = evaluate(state.step, state.running)
+    row = data_parallel.from_main(row, parallel)
+    state.history.append(row)
+    logger.evaluation(state.step, row)
+    score = row.get("validation_score")
+    if score is not None and (state.best is None or score < state.best[0]):
+        state.best = (score, copy.deepcopy(model.state_dict()))
+    state.running = []
+    model.train()
+
+
 def fit(model, batches, steps: int, eval_every: int, evaluate, training: TrainingConfig, device,
-        count_correct: bool = True, stop_after: int | None = None) -> list[dict]:
+        count_correct: bool = True, stop_after: int | None = None, harness: Harness | None = None) -> list[dict]:
     """Train for `steps` batches (or the first `stop_after` of them, under the schedule planned for `steps`);
     every `eval_every` steps and at the last, call evaluate(step, steps_since_last_eval),
     where each step is (loss, number of correct argmax predictions or 0 without count_correct, number of targets).
-    If evaluate's rows carry "validation_score" (lower is better), the best model is restored at the end."""
+    If evaluate's rows carry "validation_score" (lower is better), the best model is restored at the end.
+    The harness adds checkpoints (and resuming), progress and logs, and data parallel processes."""
+    harness = harness or Harness()
+    parallel = harness.parallel
     optimizer, schedule = make_optimizer(model, training, steps)
-    history, running, best = [], [], None
-    model.train()
+    trainer = data_parallel.wrap(model, parallel)
+    state = LoopState()
+    checkpointer, components = None, {"model": model, "optimizer": optimizer, "schedule": schedule, "batches": batches}
+    if harness.checkpoint_dir is not None or harness.resume is not None:  # without a folder of its own, it writes back
+        directory = harness.checkpoint_dir or harness.resume
+        checkpointer = Checkpointer(directory, harness.checkpoint_every, harness.identity, parallel)
+    if harness.resume is not None:
+        step, progress = checkpointer.load(harness.resume, components)
+        state = LoopState(step, **progress)
     last = min(steps, stop_after or steps)
-    for step in range(1, last + 1):
-        inputs, targets = next(batches)
-        inputs, targets = inputs.to(device), targets.to(device)
-        output = model(inputs, targets)
-        optimizer.zero_grad(set_to_none=True)
-        output.loss.backward()
-        optimizer.step()
-        schedule.step()
-        # an argmax over the decoder's (B, T, vocabulary) logits costs ~7% of its step: only when asked for
-        correct = (output.logits.detach().argmax(-1) == targets).sum().item() if count_correct else 0
-        running.append((output.loss.item(), correct, targets.numel()))
-        if step % eval_every == 0 or step == last:
-            model.eval()
-            history.append(evaluate(step, running))
-            score = history[-1].get("validation_score")
-            if score is not None and (best is None or score < best[0]):
-                best = (score, copy.deepcopy(model.state_dict()))
-            model.train()
-            running = []
+    if harness.resume is not None and parallel.is_main:
+        print(f"resuming from {harness.resume} after step {state.step} of {last}")
+    show_bar = harness.progress_bar and parallel.is_main
+    log_dir = harness.log_dir if parallel.is_main else None
+    model.train()
+    with StopRequest(checkpointer is not None, parallel.is_main) as stop, \
+            StepLogger(last, state.step, log_dir, harness.name, show_bar) as logger:
+        for step in range(state.step + 1, last + 1):
+            inputs, targets = next(batches)
+            learning_rate = optimizer.param_groups[0]["lr"]
+            loss, correct, count = train_step(trainer, optimizer, inputs, targets, training, parallel, device, count_correct)
+            schedule.step()
+            # one collective per step: the step's figures over all processes, and whether any was asked to stop
+            loss, correct, count, stopping = data_parallel.all_sum([loss, correct, count, stop.requested], parallel)
+            state.step = step
+            state.running.append((loss, int(correct), int(count)))
+            logger.step(step, loss, learning_rate)
+            if step % eval_every == 0 or step == last:
+                record_evaluation(state, model, evaluate, logger, parallel)
+            if checkpointer is not None and (stopping or checkpointer.due(step)):
+                progress = {"history": state.history, "running": state.running, "best": state.best}
+                checkpointer.save(step, components, progress)
+            if stopping and step < last:  # at the last step the run may as well finish
+                raise TrainingInterrupted(stop.signal_number or signal.SIGINT, step, last, checkpointer.directory)
     model.eval()
-    if best is not None:  # early stopping: the weights of the best validation evaluation
-        model.load_state_dict(best[1])
-    return history
+    if state.best is not None:  # early stopping: the weights of the best validation evaluation
+        model.load_state_dict(state.best[1])
+    return state.history
 
 
 def best_evaluation(history: list[dict]) -> dict:
@@ -257,7 +362,8 @@ def classifier_report(run: Run, probabilities: torch.Tensor) -> dict:
     return report
 
 
-def train_classifier(run: Run, config: TransformerConfig, training: TrainingConfig, seed: int, log=print):
+def train_classifier(run: Run, config: TransformerConfig, training: TrainingConfig, seed: int, log=print,
+                     harness: Harness | None = None):
     """Train the encoder classifier; return the model and its report (per-epoch table, accuracies)."""
     torch.manual_seed(seed)
     model = TransformerClassifier(config).to(run.device)
@@ -268,13 +374,11 @@ def train_classifier(run: Run, config: TransformerConfig, training: TrainingConf
         kept, held_out = stratified_split(run.data.train_cls.labels, training.validation_fraction, seed=0)
         validation = (train_ids[held_out], train_labels[held_out])
         train_ids, train_labels = train_ids[kept], train_labels[kept]
-    generator = torch.Generator().manual_seed(seed)
+    batches = EpochBatches(train_ids, train_labels, training.batch_size, torch.Generator().manual_seed(seed))
     steps_per_epoch = math.ceil(len(train_ids) / training.batch_size)
-
-    def batches():
-        while True:
-            for index in shuffled_batches(len(train_ids), training.batch_size, generator):
-                yield train_ids[index], train_labels[index]
+    harness = harness or Harness()
+    data = "\n".join(f"{label}\t{text}" for label, text in zip(run.data.train_cls.labels, run.data.train_cls.texts))
+    harness = replace(harness, identity=run_identity(run, "classifier", config, training, seed, data, harness))
 
     def evaluate(step, epoch_steps):
         # train loss and accuracy are running figures over the epoch's batches (free, unlike a second pass)
@@ -292,14 +396,14 @@ def train_classifier(run: Run, config: TransformerConfig, training: TrainingConf
     log("epoch | train loss | train acc | test acc" + (" | val acc" if validation is not None else ""))
     started = time.perf_counter()
     stop_after = training.stop_after * steps_per_epoch if training.stop_after else None
-    epochs = fit(model, batches(), training.epochs * steps_per_epoch, steps_per_epoch, evaluate, training, run.device,
-                 stop_after=stop_after)
+    epochs = fit(model, batches, training.epochs * steps_per_epoch, steps_per_epoch, evaluate, training, run.device,
+                 stop_after=stop_after, harness=harness)
     seconds = time.perf_counter() - started
     if validation is not None and training.refit:
         chosen = best_evaluation(epochs)["epoch"]
         log(f"validation chose {chosen} epochs: retraining on the whole training file")
         refit = replace(training, stop_after=chosen, validation_fraction=0.0, refit=False)
-        model, report = train_classifier(run, config, refit, seed, log)
+        model, report = train_classifier(run, config, refit, seed, log, harness.without_checkpoints(f"{harness.name}_refit"))
         report.update(selection_epochs=epochs, chosen_epochs=chosen, train_seconds=seconds + report["train_seconds"])
         return model, report
     report = {"num_parameters": count_parameters(model), "epochs": epochs,
@@ -342,7 +446,8 @@ def encode_stream(run: Run, text: str) -> torch.Tensor:
     return torch.tensor(run.tokenizer.encode(text), dtype=torch.long)
 
 
-def train_language_model(run: Run, config: TransformerConfig, training: TrainingConfig, seed: int, log=print):
+def train_language_model(run: Run, config: TransformerConfig, training: TrainingConfig, seed: int, log=print,
+                         harness: Harness | None = None):
     """Train the decoder on train_LM.txt; return the model and its report (perplexity every eval_interval)."""
     torch.manual_seed(seed)
     model = TransformerLM(config).to(run.device)
@@ -352,11 +457,9 @@ def train_language_model(run: Run, config: TransformerConfig, training: Training
     test_streams = {name: encode_stream(run, text) for name, text in run.data.test_lm.items()}
     if len(train_stream) <= config.block_size:
         raise DataError(f"train_LM.txt has {len(train_stream)} tokens, fewer than block_size + 1")
-    generator = torch.Generator().manual_seed(seed)
-
-    def batches():
-        while True:
-            yield random_windows(train_stream, config.block_size, training.batch_size, generator)
+    batches = WindowBatches(train_stream, config.block_size, training.batch_size, torch.Generator().manual_seed(seed))
+    harness = harness or Harness()
+    harness = replace(harness, identity=run_identity(run, "lm", config, training, seed, run.data.train_lm, harness))
 
     def evaluate(step, recent_steps):
         row = {"iteration": step, "train_loss": sum(loss for loss, _, _ in recent_steps) / len(recent_steps),
@@ -375,14 +478,14 @@ def train_language_model(run: Run, config: TransformerConfig, training: Training
 
     log("iteration | train ppl |    obama |    wbush |    hbush" + (" |  val ppl" if validation_stream is not None else ""))
     started = time.perf_counter()
-    evals = fit(model, batches(), training.max_iters, training.eval_interval, evaluate, training, run.device,
-                count_correct=False, stop_after=training.stop_after)
+    evals = fit(model, batches, training.max_iters, training.eval_interval, evaluate, training, run.device,
+                count_correct=False, stop_after=training.stop_after, harness=harness)
     report = {"num_parameters": count_parameters(model), "evals": evals, "train_seconds": time.perf_counter() - started}
     if validation_stream is not None and training.refit:
         chosen = best_evaluation(evals)["iteration"]
         log(f"validation chose {chosen} iterations: retraining on the whole of train_LM.txt")
         refit = replace(training, stop_after=chosen, eval_interval=chosen, validation_fraction=0.0, refit=False)
-        model, final = train_language_model(run, config, refit, seed, log)
+        model, final = train_language_model(run, config, refit, seed, log, harness.without_checkpoints(f"{harness.name}_refit"))
         report.update(final=final["final"], best_iteration=chosen, refit=True,
                       train_seconds=report["train_seconds"] + final["train_seconds"])
     elif validation_stream is not None:  # the restored best model, evaluated once more
