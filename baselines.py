@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dataset import CLASS_NAMES, DataError, Speeches, load_speeches, read_text, stratified_split
+from dataset import CLASS_NAMES, DataError, Speeches, load_speeches, overlap_flags, read_text, stratified_split
 from tokenizer import UNK_ID, WordTokenizer
 
 ALPHAS = (0.01, 0.03, 0.1, 0.3, 1.0)
@@ -303,15 +303,6 @@ def lm_baseline(speeches: Speeches, tokenizer: WordTokenizer, extra: dict[str, s
 def lines_of(text: str) -> list[str]:
     """Non-blank lines, stripped."""
     return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def overlap_flags(speeches: Speeches) -> dict[str, list[bool]]:
-    """Per test_CLS segment: is its exact text a train_CLS segment, a substring of train_LM.txt, in neither?"""
-    train_cls = set(speeches.train_cls.texts)
-    in_cls = [text in train_cls for text in speeches.test_cls.texts]
-    # substring rather than whole line: train_LM lines hold one or more sentences, so a segment may sit inside one
-    in_lm = [text in speeches.train_lm for text in speeches.test_cls.texts]
-    return {"in_train_cls": in_cls, "in_train_lm": in_lm, "in_neither": [not (a or b) for a, b in zip(in_cls, in_lm)]}
 
 
 def audit(speeches: Speeches) -> dict:
