@@ -69,19 +69,19 @@ def test_part_three_compares_absolute_and_alibi_with_plots(small_data, tmp_path,
 
 def test_best_preset_selects_on_validation_then_refits_on_everything(small_data, tmp_path, capsys):
     status, out, _ = run(capsys, "--part", "two", "--data-dir", small_data, "--out", tmp_path, "--preset", "best",
-                         "--max-iters", "40", "--eval-interval", "20", "--n-layer", "1", *FAST)
+                         "--max-iters", "20", "--eval-interval", "10", "--n-layer", "1", "--batch-size", "8", *FAST)
     assert status == 0, out
     result = json.loads((tmp_path / "part_two.json").read_text())
-    assert [row["iteration"] for row in result["selection_evals"]] == [20, 40]  # the selection run, with validation
+    assert [row["iteration"] for row in result["selection_evals"]] == [10, 20]  # the selection run, with validation
     chosen = min(result["selection_evals"], key=lambda row: row["validation_perplexity"])["iteration"]
     assert result["best_iteration"] == chosen and result["refit"]
     # the curve and the final figures are the refit's, which has no validation split
-    assert [row["iteration"] for row in result["evals"]] == list(range(20, chosen + 1, 20))
+    assert [row["iteration"] for row in result["evals"]] == list(range(10, chosen + 1, 10))
     assert result["final"] == {**{key: result["evals"][-1][key] for key in ("iteration", "train_perplexity", "perplexity")},
                                "model": f"retrained on all of train_LM.txt for the {chosen} iterations validation chose"}
     assert "retrained on all of train_LM.txt" in out and f"final figures are those of {result['final']['model']}" in out
     status, out, _ = run(capsys, "--part", "one", "--data-dir", small_data, "--out", tmp_path, "--preset", "best",
-                         "--epochs", "3", "--n-layer", "1", *FAST)
+                         "--epochs", "3", "--n-layer", "1", "--batch-size", "16", *FAST)
     assert status == 0, out
     result = json.loads((tmp_path / "part_one.json").read_text())
     best = max(result["selection_epochs"], key=lambda row: row["validation_accuracy"])
