@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dataset import DataError, Speeches, load_speeches, read_text, stratified_split
+from dataset import DataError, Speeches, load_speeches, overlap_flags, read_text, stratified_split
 from tokenizer import UNK_ID, WordTokenizer
 
 ALPHAS = (0.01, 0.03, 0.1, 0.3, 1.0)
@@ -94,10 +94,11 @@ class NaiveBayes:
     log_likelihood: torch.Tensor  # (C, F)
 
     @classmethod
-    def fit(cls, documents: list[Counter], labels: Sequence[int], alpha: float) -> "NaiveBayes":
-        """Fit on feature counts; the feature set is every feature of `documents`."""
+    def fit(cls, documents: list[Counter], labels: Sequence[int], alpha: float, num_classes: int | None = None) -> "NaiveBayes":
+        """Fit on feature counts; the feature set is every feature of `documents`; classes 0 .. num_classes - 1
+        (default: up to the largest label)."""
         columns = feature_columns(documents)
-        onehot = F.one_hot(torch.as_tensor(labels)).double()  # (N, C): every class has training documents
+        onehot = F.one_hot(torch.as_tensor(labels), num_classes or -1).double()  # (N, C)
         smoothed = torch.sparse.mm(count_matrix(documents, columns).t(), onehot).t() + alpha  # (C, F)
         log_likelihood = smoothed.log() - smoothed.sum(1, keepdim=True).log()
         return cls(columns, onehot.mean(0).log(), log_likelihood)
@@ -304,15 +305,6 @@ def lm_baseline(speeches: Speeches, tokenizer: WordTokenizer, extra: dict[str, s
 def lines_of(text: str) -> list[str]:
     """Non-blank lines, stripped."""
     return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def overlap_flags(speeches: Speeches) -> dict[str, list[bool]]:
-    """Per test_CLS segment: is its exact text a train_CLS segment, a substring of train_LM.txt, in neither?"""
-    train_cls = set(speeches.train_cls.texts)
-    in_cls = [text in train_cls for text in speeches.test_cls.texts]
-    # substring rather than whole line: train_LM lines hold one or more sentences, so a segment may sit inside one
-    in_lm = [text in speeches.train_lm for text in speeches.test_cls.texts]
-    return {"in_train_cls": in_cls, "in_train_lm": in_lm, "in_neither": [not (a or b) for a, b in zip(in_cls, in_lm)]}
 
 
 def audit(speeches: Speeches) -> dict:

@@ -121,6 +121,15 @@ def load_speeches(data_dir: Path) -> Speeches:
     )
 
 
+def overlap_flags(speeches: Speeches) -> dict[str, list[bool]]:
+    """Per test_CLS segment: is its exact text a train_CLS segment, a substring of train_LM.txt, in neither?"""
+    train_cls = set(speeches.train_cls.texts)
+    in_cls = [text in train_cls for text in speeches.test_cls.texts]
+    # substring rather than whole line: train_LM lines hold one or more sentences, so a segment may sit inside one
+    in_lm = [text in speeches.train_lm for text in speeches.test_cls.texts]
+    return {"in_train_cls": in_cls, "in_train_lm": in_lm, "in_neither": [not (a or b) for a, b in zip(in_cls, in_lm)]}
+
+
 def encode_segments(tokenizer, texts: list[str], block_size: int) -> torch.Tensor:
     """Token ids truncated to `block_size` and right-padded with `<pad>`: (N, block_size)."""
     ids = torch.full((len(texts), block_size), PAD_ID, dtype=torch.long)

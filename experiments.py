@@ -10,6 +10,7 @@ import os
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -94,8 +95,8 @@ def _train_one(job: Job) -> tuple[Job, dict]:
     if settings.validation_fraction == 0:  # nothing to select on: evaluate once, at the end
         settings = replace(settings, eval_interval=settings.max_iters)
     model, report = training.train_language_model(run, config, settings, job.seed, log=quiet)
-    report["train_perplexity"] = report["evals"][-1]["train_perplexity"]
-    report["perplexity"] = report.pop("final")["perplexity"]
+    final = report.pop("final")  # every figure of the returned model (the refit under --preset best)
+    report.update(train_perplexity=final["train_perplexity"], perplexity=final["perplexity"], model=final["model"])
     report["attention_failures"] = utilities.attention_check(
         model, run.tokenizer, run.data.test_lm["obama"], True, run.device, run.heatmap_dir if job.heatmap else None, prefix)
     if job.extrapolate:
@@ -105,16 +106,29 @@ def _train_one(job: Job) -> tuple[Job, dict]:
     return job, report
 
 
+@contextmanager
+def in_this_process(args):
+    """A stand-in for the pool when there is one worker: the jobs run here, on one thread as a worker's do
+    (so the numbers are the pool's), and the thread count and worker state are put back after."""
+    threads = torch.get_num_threads()
+    _init_worker(args)
+    try:
+        yield
+    finally:
+        _WORKER.clear()
+        torch.set_num_threads(threads)
+
+
 def worker_run() -> training.Run:
     """The Run a worker process built once from the command's options."""
     return _WORKER["run"]
 
 
 def map_jobs(args, jobs: list, workers: int, work):
-    """Yield work(job) -> (job, report) for every job, in order, computed on `workers` processes (0: in this one)."""
-    if workers == 0:  # tests and debugging: this process's Run, and its thread count left alone
-        _WORKER["run"] = training.make_run(args, log=lambda *a: None)
-        yield from map(work, jobs)
+    """Yield work(job) -> (job, report) for every job, in order, on `workers` processes (one: in this process)."""
+    if workers == 1:
+        with in_this_process(args):
+            yield from map(work, jobs)
         return
     # spawn, not fork: forking a process that already runs torch's thread pool can deadlock
     context = multiprocessing.get_context("spawn")
@@ -123,7 +137,8 @@ def map_jobs(args, jobs: list, workers: int, work):
 
 
 def run_jobs(args, jobs: list[Job], workers: int, log=print) -> tuple[dict, list[str]]:
-    """Run jobs on `workers` processes; return {(task, name): [report per seed]} and the check failures."""
+    """Run jobs on `workers` processes (one: in this process); return {(task, name): [report per seed]} and the
+    check failures."""
     runs, failures = {}, []
     for job, report in map_jobs(args, jobs, workers, _train_one):
         failures += [f"seed {job.seed}: {failure}" for failure in report.pop("attention_failures")]
@@ -216,11 +231,18 @@ def plot_exploration(results: dict, out: Path):
 # ---------------------------------------------------------------- the exploration
 
 
-def explore(args, variants: list[str], seeds: int, workers: int, log=print) -> tuple[dict, list[str]]:
-    """Train every (task, variant, seed) in worker processes; return per-variant summaries and check failures."""
+def variant_names(text: str | None) -> list[str]:
+    """--variants "a,b" as a list (every variant when None); ValueError for a name not in VARIANTS."""
+    variants = text.split(",") if text else list(VARIANTS)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    return variants
+
+
+def explore(args, variants: list[str], seeds: int, workers: int, log=print) -> tuple[dict, list[str]]:
+    """Train every (task, variant, seed) in worker processes; return per-variant summaries and check failures."""
+    variants = variant_names(",".join(variants))
     variants = ["base"] + [v for v in variants if v != "base"]  # every variant is compared with the base model
     jobs = [Job(task, variant, args.seed + offset, VARIANTS[variant][0], args.preset,
                 heatmap=offset == 0 and variant in HEATMAP_VARIANTS and not args.no_plots,
@@ -265,8 +287,9 @@ def summarise_improve(run, task: str, reports: list[dict]) -> dict:
     summary["perplexity"] = {name: _spread([r["perplexity"][name] for r in reports]) for name in reports[0]["perplexity"]}
     if "best_iteration" in reports[0]:
         summary["best_iteration"] = [r["best_iteration"] for r in reports]
+    # the selection run's curve (with validation) where there is one: it is what chose the stopping point
     summary["curves"] = [[{k: row[k] for k in ("iteration", "validation_perplexity", "perplexity") if k in row}
-                          for row in r["evals"]] for r in reports]
+                          for row in r.get("selection_evals", r["evals"])] for r in reports]
     return summary
 
 
@@ -328,5 +351,5 @@ def plot_improve(results: dict, out: Path):
         series = {"validation (selects)": (iterations, [row["validation_perplexity"] for row in curve])}
         for test in curve[0]["perplexity"]:
             series[f"test {test}"] = (iterations, [row["perplexity"][test] for row in curve])
-        utilities.plot_curves(series, "iteration", "perplexity", "Best decoder, first seed", out / "improve_lm_curve.png",
-                              log_y=True)
+        utilities.plot_curves(series, "iteration", "perplexity", "Best decoder's selection run (validation held out), first seed",
+                              out / "improve_lm_curve.png", log_y=True)

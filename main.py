@@ -49,19 +49,28 @@ def check_attention(run: Run, model, causal: bool, prefix: str) -> list[str]:
     return utilities.attention_check(model, run.tokenizer, text, causal, run.device, run.heatmap_dir, prefix)
 
 
+def read_extra_tests(run: Run) -> dict:
+    """Every --extra-test file, read and checked before any training (a typo must not cost a run): labelled
+    segments for part one, for parts two and three a text with at least one token to score after the first."""
+    if run.args.part == "one":
+        return {Path(path).name: read_labelled_segments(path, num_classes=len(run.data.class_names))
+                for path in run.args.extra_test}
+    return {Path(path).name: training.check_scorable(run, read_text(path), path) for path in run.args.extra_test}
+
+
 def extra_accuracy(run: Run, model) -> dict:
     """Accuracy on each --extra-test TSV."""
     results = {}
-    for path in run.args.extra_test:
-        ids, labels = classifier_tensors(run, read_labelled_segments(path), model.config.block_size)
-        results[Path(path).name] = accuracy(predict(model, ids, run.device), labels)
+    for name, segments in run.extra_tests.items():
+        ids, labels = classifier_tensors(run, segments, model.config.block_size)
+        results[name] = accuracy(predict(model, ids, run.device), labels)
     return results
 
 
 def extra_perplexity(run: Run, model) -> dict:
     """Perplexity on each --extra-test text file."""
-    return {Path(path).name: perplexity(model, encode_stream(run, read_text(path)), model.config.block_size, run.device)
-            for path in run.args.extra_test}
+    return {name: perplexity(model, encode_stream(run, text), model.config.block_size, run.device)
+            for name, text in run.extra_tests.items()}
 
 
 def save_model(run: Run, model, task: str, metrics: dict):
@@ -130,8 +139,9 @@ def part_two(run: Run) -> tuple[dict, list[str]]:
         how = "retrained on all of train_LM.txt up to it" if report.get("refit") else "restored that model"
         print(f"validation chose iteration {report['best_iteration']}, {how}: test perplexity "
               + ", ".join(f"{k} {v:.2f}" for k, v in report["final"]["perplexity"].items()))
-    if "word_perplexity" in report["evals"][-1]:
-        print("word-level perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in report["evals"][-1]["word_perplexity"].items()))
+    if "word_perplexity" in report["final"]:
+        print("word-level perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in report["final"]["word_perplexity"].items()))
+    print(f"final figures are those of {report['final']['model']}")
     for name, value in result["extra"].items():
         print(f"perplexity on {name}: {value:.2f}")
     if not run.args.no_plots:
@@ -228,7 +238,7 @@ def part_three_improvement(run: Run) -> tuple[dict, list[str]]:
 def part_three_exploration(run: Run) -> tuple[dict, list[str]]:
     """Every variant against the base model, on both tasks, mean and spread over --seeds seeds."""
     args = run.args
-    variants = args.variants.split(",") if args.variants else list(experiments.VARIANTS)
+    variants = experiments.variant_names(args.variants)
     print("\n== exploration")
     results, failures = experiments.explore(args, variants, args.seeds, experiments.worker_count(args.workers))
     tables = experiments.exploration_tables(results)
@@ -242,9 +252,10 @@ def part_three_exploration(run: Run) -> tuple[dict, list[str]]:
 
 
 def print_part_three_table(result: dict):
-    rows = [[name, report["num_parameters"], report["evals"][-1]["train_perplexity"],
-             *report["evals"][-1]["perplexity"].values()] for name, report in result["lm"].items()]
-    print("\n" + utilities.markdown_table(["decoder", "parameters", "train ppl", "obama", "wbush", "hbush"], rows))
+    """Each row's figures come from one model, the one returned (its "model" says which)."""
+    rows = [[name, report["num_parameters"], report["final"]["train_perplexity"], *report["final"]["perplexity"].values(),
+             report["final"]["model"]] for name, report in result["lm"].items()]
+    print("\n" + utilities.markdown_table(["decoder", "parameters", "train ppl", "obama", "wbush", "hbush", "model"], rows))
     rows = [[name, report["num_parameters"], report["test_accuracy"], report["test_accuracy_unseen"]]
             for name, report in result["classifier"].items()]
     print("\n" + utilities.markdown_table(["classifier", "parameters", "test acc %", "unseen acc %"], rows))
@@ -318,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     explore.add_argument("--t5", action="store_true",
                          help="also train a T5-style encoder-decoder on span corruption (encoder_decoder.py, seq2seq.py)")
     explore.add_argument("--seeds", type=int, default=3, help="seeds per variant (from --seed on)")
-    explore.add_argument("--workers", type=int, help="worker processes (default: one per core, at most 2)")
+    explore.add_argument("--workers", type=int,
+                         help="worker processes (default: one per core, at most 2; 1: train in this process)")
     parser.add_argument("--tokenizer", choices=("word", "bpe"), default="word",
                         help="word: NLTK words (the course's); bpe: byte-level BPE trained on the training text")
     parser.add_argument("--bpe-vocab", type=int, default=2000, help="BPE vocabulary size (specials and bytes included)")
@@ -419,6 +431,9 @@ def main(argv=None) -> int:
         if args.part == "three" and (args.checkpoint_every or args.resume or data_parallel.launched_by_torchrun()):
             raise ValueError("checkpoints, --resume and torchrun apply to parts one and two")
         run = training.make_run(args)
+        run.extra_tests = read_extra_tests(run)
+        if args.explore:
+            experiments.variant_names(args.variants)  # a typo must not cost the runs before the exploration
         if data_parallel.launched_by_torchrun():
             run.parallel, run.device = data_parallel.start(run.device)
         with quiet_unless_main(run):

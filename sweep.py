@@ -60,6 +60,7 @@ def main_sweep(argv=None) -> int:
     parser.add_argument("--data-dir", type=Path, default=Path("speechesdataset"))
     parser.add_argument("--task", choices=TASKS, required=True)
     parser.add_argument("--seeds", type=seed_list, default=[42], help="comma-separated seeds (default 42)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, ...")
     parser.add_argument("--candidates", default=",".join(CANDIDATES), help=f"comma-separated subset of: {', '.join(CANDIDATES)}")
     args = parser.parse_args(argv)
     names = args.candidates.split(",")
@@ -68,8 +69,9 @@ def main_sweep(argv=None) -> int:
         parser.error(f"unknown candidate {unknown[0]!r}")
     torch.set_num_threads(1)  # as the --improve workers train
     try:
-        run = training.make_run(main.build_parser().parse_args(["--part", "two", "--data-dir", str(args.data_dir)]))
-    except DataError as error:
+        run = training.make_run(main.build_parser().parse_args(["--part", "two", "--data-dir", str(args.data_dir),
+                                                                  "--device", args.device]))
+    except (DataError, ValueError) as error:
         print(f"sweep.py: error: {error}", file=sys.stderr)
         return 2
     unit = "ppl" if args.task == "lm" else "acc %"

@@ -19,6 +19,8 @@ import corpus
 import parallel as data_parallel
 from checkpointing import Checkpointer, StopRequest, TrainingInterrupted, identity
 from dataset import (
+    TEST_LM,
+    TRAIN_LM,
     DataError,
     EpochBatches,
     LabelledSegments,
@@ -26,6 +28,7 @@ from dataset import (
     consecutive_windows,
     encode_segments,
     load_speeches,
+    overlap_flags,
     split_lines,
     stratified_split,
 )
@@ -110,6 +113,7 @@ class Run:
     out: object
     words: WordTokenizer  # counts words for word-level perplexity, whatever the model's tokenizer
     parallel: Parallel = SINGLE  # this process among torchrun's data parallel processes
+    extra_tests: dict = field(default_factory=dict)  # --extra-test file name -> its contents, read before training
 
     @property
     def heatmap_dir(self):
@@ -345,10 +349,9 @@ def classifier_tensors(run: Run, segments: LabelledSegments, block_size: int):
 
 def test_splits(run: Run) -> dict[str, torch.Tensor]:
     """Boolean masks over the test segments: text seen in train_CLS.tsv, unseen, and in neither training file."""
-    train_texts = set(run.data.train_cls.texts)
-    seen = torch.tensor([text in train_texts for text in run.data.test_cls.texts])
-    in_lm = torch.tensor([text in run.data.train_lm for text in run.data.test_cls.texts])
-    return {"seen": seen, "unseen": ~seen, "unseen_both": ~seen & ~in_lm}
+    flags = overlap_flags(run.data)
+    seen = torch.tensor(flags["in_train_cls"], dtype=torch.bool)
+    return {"seen": seen, "unseen": ~seen, "unseen_both": torch.tensor(flags["in_neither"], dtype=torch.bool)}
 
 
 def classifier_report(run: Run, probabilities: torch.Tensor) -> dict:
@@ -404,10 +407,15 @@ def train_classifier(run: Run, config: TransformerConfig, training: TrainingConf
         log(f"validation chose {chosen} epochs: retraining on the whole training file")
         refit = replace(training, stop_after=chosen, validation_fraction=0.0, refit=False)
         model, report = train_classifier(run, config, refit, seed, log, harness.without_checkpoints(f"{harness.name}_refit"))
-        report.update(selection_epochs=epochs, chosen_epochs=chosen, train_seconds=seconds + report["train_seconds"])
+        report.update(selection_epochs=epochs, chosen_epochs=chosen, train_seconds=seconds + report["train_seconds"],
+                      model=f"retrained on all of train_CLS.tsv for the {chosen} epochs validation chose")
         return model, report
     report = {"num_parameters": count_parameters(model), "epochs": epochs,
               **classifier_report(run, predict(model, test_ids, run.device)), "train_seconds": seconds}
+    if validation is not None:
+        report["model"] = f"the best validation evaluation (epoch {best_evaluation(epochs)['epoch']}), restored"
+    else:
+        report["model"] = f"the last epoch ({epochs[-1]['epoch']})"
     return model, report
 
 
@@ -430,8 +438,18 @@ def negative_log_likelihood(model, stream: torch.Tensor, block_size: int, device
 
 def perplexity(model, stream: torch.Tensor, block_size: int, device) -> float:
     """Per-token perplexity: exp of the mean cross-entropy over every token after the first."""
+    if len(stream) < 2:
+        raise ValueError(f"perplexity needs at least 2 tokens, got {len(stream)}")
     total, count = negative_log_likelihood(model, stream, block_size, device)
     return math.exp(total / count)
+
+
+def check_scorable(run: Run, text: str, name: str) -> str:
+    """`text`, if it has a token and a word after the first to score; DataError naming `name` otherwise."""
+    tokens, words = len(run.tokenizer.encode(text)), len(run.words.split(text))
+    if min(tokens, words) < 2:
+        raise DataError(f"{name}: {tokens} token(s), {words} word(s); perplexity needs at least 2 of each")
+    return text
 
 
 def word_perplexity(run: Run, model, text: str, block_size: int) -> float:
@@ -453,8 +471,11 @@ def train_language_model(run: Run, config: TransformerConfig, training: Training
     model = TransformerLM(config).to(run.device)
     train_text, validation_text = split_lines(run.data.train_lm, training.validation_fraction)
     train_stream = encode_stream(run, train_text)
+    if validation_text:
+        check_scorable(run, validation_text, f"the validation split of {TRAIN_LM}")
     validation_stream = encode_stream(run, validation_text) if validation_text else None
-    test_streams = {name: encode_stream(run, text) for name, text in run.data.test_lm.items()}
+    test_streams = {name: encode_stream(run, check_scorable(run, text, TEST_LM[name]))
+                    for name, text in run.data.test_lm.items()}
     if len(train_stream) <= config.block_size:
         raise DataError(f"train_LM.txt has {len(train_stream)} tokens, fewer than block_size + 1")
     batches = WindowBatches(train_stream, config.block_size, training.batch_size, torch.Generator().manual_seed(seed))
@@ -484,16 +505,23 @@ def train_language_model(run: Run, config: TransformerConfig, training: Training
     if validation_stream is not None and training.refit:
         chosen = best_evaluation(evals)["iteration"]
         log(f"validation chose {chosen} iterations: retraining on the whole of train_LM.txt")
-        refit = replace(training, stop_after=chosen, eval_interval=chosen, validation_fraction=0.0, refit=False)
+        # the refit keeps the evaluation interval: its own curve, and no effect on its weights (evaluation draws nothing)
+        refit = replace(training, stop_after=chosen, validation_fraction=0.0, refit=False)
         model, final = train_language_model(run, config, refit, seed, log, harness.without_checkpoints(f"{harness.name}_refit"))
-        report.update(final=final["final"], best_iteration=chosen, refit=True,
-                      train_seconds=report["train_seconds"] + final["train_seconds"])
-    elif validation_stream is not None:  # the restored best model, evaluated once more
+        final["final"]["model"] = f"retrained on all of train_LM.txt for the {chosen} iterations validation chose"
+        final.update(selection_evals=evals, best_iteration=chosen, refit=True,
+                     train_seconds=report["train_seconds"] + final["train_seconds"])
+        return model, final
+    if validation_stream is not None:  # the restored best model: its figures are those of its evaluation
         best = best_evaluation(evals)
         report["best_iteration"] = best["iteration"]
-        report["final"] = {"validation_perplexity": best["validation_perplexity"],
-                           "perplexity": {name: perplexity(model, stream, config.block_size, run.device)
-                                          for name, stream in test_streams.items()}}
+        report["final"] = final_figures(best, f"the best validation evaluation (iteration {best['iteration']}), restored")
     else:
-        report["final"] = {"perplexity": evals[-1]["perplexity"]}
+        report["final"] = final_figures(evals[-1], f"the last iteration ({evals[-1]['iteration']})")
     return model, report
+
+
+def final_figures(row: dict, model: str) -> dict:
+    """The figures of one evaluation row that describe a returned model, and which model that is."""
+    keys = ("iteration", "train_perplexity", "perplexity", "word_perplexity", "validation_perplexity")
+    return {**{key: row[key] for key in keys if key in row}, "model": model}

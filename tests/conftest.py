@@ -1,12 +1,24 @@
-"""Shared fixtures: where the course data is, and small slices of it written at test time."""
+"""Shared fixtures: where the course data is, small slices of it written at test time, a hand-made dataset,
+and a guard that gives every test torch's thread count back as it found it."""
 
 import os
 from pathlib import Path
 
 import pytest
+import torch
+
+from dataset import LabelledSegments, Speeches
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("SPEECHES_DATA", ROOT.parent / "shared" / "speechesdataset"))
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """Code under test may set torch's thread count (sweep.main_sweep does); later tests must not inherit it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +51,13 @@ def small_data(data_dir, tmp_path_factory) -> Path:
 def copy_of_small_data(small_data, tmp_path) -> Path:
     """A private copy of the slice that a test may break."""
     return write_slice(small_data, tmp_path / "data", SLICE)
+
+
+@pytest.fixture
+def tiny_speeches() -> Speeches:
+    """Five test segments whose overlaps are worked out by hand in the tests that use them."""
+    train_cls = LabelledSegments(["One two.", "Three four.", "Five six."], [0, 1, 2])
+    test_cls = LabelledSegments(["One two.", "Three four.", "Seven eight.", "Nine ten.", "One two."], [0, 2, 1, 0, 0])
+    train_lm = "Start. Seven eight. End.\nThree four.\nOne two. And more.\n"
+    test_lm = {"obama": "One two.\nSomething new.\n", "wbush": "Five six.\nThree four.\n", "hbush": "Nothing.\n"}
+    return Speeches(train_cls, test_cls, train_lm, test_lm)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import baselines
 from baselines import KneserNeyTrigram, NaiveBayes, audit, format_audit
-from dataset import LabelledSegments, Speeches, load_speeches
+from dataset import load_speeches, overlap_flags
 from tokenizer import WordTokenizer
 
 # ---------------------------------------------------------------- naive Bayes
@@ -17,7 +17,7 @@ from tokenizer import WordTokenizer
 
 def test_naive_bayes_posterior_matches_hand_arithmetic():
     documents = [Counter({"a": 2, "b": 1}), Counter({"b": 1, "c": 1}), Counter({"a": 1})]
-    model = NaiveBayes.fit(documents, [0, 1, 0], alpha=1.0)
+    model = NaiveBayes.fit(documents, [0, 1, 0], alpha=1.0, num_classes=3)
     # class 0 counts a=3, b=1, c=0 (total 4) -> smoothed (4, 2, 1) / 7;  class 1: a=0, b=1, c=1 -> (1, 2, 2) / 5
     # priors 2/3, 1/3 and 0 (the course has three classes; class 2 has no document here); "z" was never seen, so ignored
     joint_0 = 2 / 3 * (4 / 7) * (1 / 7)  # a once, c once
@@ -112,16 +112,8 @@ def test_kneser_ney_perplexity_scores_every_token_after_the_first(toy_lm):
 # ---------------------------------------------------------------- split and audit
 
 
-def tiny_speeches() -> Speeches:
-    train_cls = LabelledSegments(["One two.", "Three four.", "Five six."], [0, 1, 2])
-    test_cls = LabelledSegments(["One two.", "Three four.", "Seven eight.", "Nine ten.", "One two."], [0, 2, 1, 0, 0])
-    train_lm = "Start. Seven eight. End.\nThree four.\nOne two. And more.\n"
-    test_lm = {"obama": "One two.\nSomething new.\n", "wbush": "Five six.\nThree four.\n", "hbush": "Nothing.\n"}
-    return Speeches(train_cls, test_cls, train_lm, test_lm)
-
-
-def test_audit_counts_on_a_hand_made_dataset():
-    report = audit(tiny_speeches())
+def test_audit_counts_on_a_hand_made_dataset(tiny_speeches):
+    report = audit(tiny_speeches)
     # "One two." is in train_CLS and (inside a line) in train_LM; "Three four." in both, as a whole line;
     # "Seven eight." sits inside a train_LM line; "Nine ten." is nowhere
     # "One two." comes twice in test and counts twice; "Three four." has another label in train
@@ -135,14 +127,26 @@ def test_audit_counts_on_a_hand_made_dataset():
     assert "4 in train_LM.txt (1 as a whole line), 1 in neither" in format_audit(report)
 
 
-def test_classifier_groups_follow_the_audit():
-    speeches = tiny_speeches()
-    flags = baselines.overlap_flags(speeches)
+def test_classifier_groups_follow_the_audit(tiny_speeches):
+    flags = overlap_flags(tiny_speeches)
     assert flags["in_train_cls"] == [True, True, False, False, True]
     assert flags["in_neither"] == [False, False, False, True, False]
 
 
 # ---------------------------------------------------------------- the course data
+
+
+def test_audit_counts_on_the_course_data(data_dir):
+    """The audit against the same counts done here with plain set and substring operations, no tokenizer."""
+    speeches = load_speeches(data_dir)
+    train_cls, test = set(speeches.train_cls.texts), speeches.test_cls.texts
+    in_cls = sum(text in train_cls for text in test)
+    in_lm = sum(text in speeches.train_lm for text in test)
+    in_neither = len([text for text in test if text not in train_cls and text not in speeches.train_lm])
+    report = audit(speeches)["test_cls"]
+    assert (report["segments"], report["in_train_cls"], report["in_train_lm"], report["in_neither"]) == (
+        len(test), in_cls, in_lm, in_neither)
+    assert (len(test), in_cls, in_neither) == (750, 551, 122)  # the figures the README quotes
 
 
 def test_baselines_on_the_course_data(data_dir):
@@ -152,8 +156,8 @@ def test_baselines_on_the_course_data(data_dir):
     test = [baselines.ngram_counts(tokenizer, text) for text in speeches.test_cls.texts]
     predicted = NaiveBayes.fit(train, speeches.train_cls.labels, alpha=0.1).predict(test)
     assert baselines.accuracy(predicted, speeches.test_cls.labels) > 85
-    perplexity = baselines.lm_baseline(speeches, tokenizer)["kneser_ney"]["perplexity"]
-    assert set(perplexity) == {"obama", "wbush", "hbush"}
-    assert all(math.isfinite(value) and 1 < value < 1000 for value in perplexity.values())
-    report = audit(speeches)["test_cls"]
-    assert (report["in_train_cls"], report["in_train_lm"], report["in_neither"]) == (551, 316, 122)
+    kneser_ney = baselines.lm_baseline(speeches, tokenizer)["kneser_ney"]
+    # an independent implementation (the improvement issue's) scores the targets that have a full two-word
+    # context, from the third token of each file on: 244 / 381 / 267 after rounding
+    third = kneser_ney["perplexity_from_third_token"]
+    assert {name: round(value) for name, value in third.items()} == {"obama": 244, "wbush": 381, "hbush": 267}

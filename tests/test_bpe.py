@@ -4,7 +4,9 @@ import json
 import random
 from collections import Counter
 
+import hypothesis
 import pytest
+from hypothesis import strategies
 
 from tokenizer import (
     EOS_ID,
@@ -176,9 +178,6 @@ def test_round_trip_random_code_points(tokenizer):
 
 
 def test_round_trip_property(tokenizer):
-    hypothesis = pytest.importorskip("hypothesis")
-    strategies = pytest.importorskip("hypothesis.strategies")
-
     @hypothesis.settings(max_examples=300, deadline=None)
     @hypothesis.given(strategies.text())  # the default alphabet leaves out lone surrogates
     def check(text):

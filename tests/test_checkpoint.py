@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 
 import pytest
 import torch
@@ -94,7 +95,7 @@ def test_corrupt_weights(tmp_path, damage, legacy):
     name = "model.pt" if legacy else "model.safetensors"
     weights = tmp_path / "run" / name
     data = weights.read_bytes()
-    weights.write_bytes({"truncate": data[: len(data) // 2], "empty": b"", "garbage": os.urandom(2000)}[damage])
+    weights.write_bytes({"truncate": data[: len(data) // 2], "empty": b"", "garbage": random.Random(0).randbytes(2000)}[damage])
     with pytest.raises(CheckpointError, match=rf"{name}: unreadable weights, truncated or corrupt \(\w+\)$") as caught:
         load_checkpoint(tmp_path / "run")
     assert "\n" not in str(caught.value)

@@ -72,6 +72,25 @@ def test_cache_past_block_size(case):
     assert generate(model, [3, 1, 4], 16, max_context=13) == generate(model, [3, 1, 4], 16, max_context=13, use_cache=False)
 
 
+@pytest.mark.parametrize("case", CACHE_CASES, ids=CASE_IDS)
+def test_beam_search_with_cache_equals_without(case, monkeypatch):
+    """Three beams on a real model, so ContextWindow.select must reorder and drop cached rows as beams branch
+    and end; 3 + 14 tokens outgrow the window of 8, so it also slides."""
+    model = tiny(**case)
+    prompt = [3, 1, 4]
+    with torch.no_grad():  # the end token: the second likeliest first token, so one of the three first beams ends
+        eos_id = model(torch.tensor([prompt])).logits[0, -1].topk(2).indices[1].item()
+    kept = []
+    real_select = ContextWindow.select
+    monkeypatch.setattr(ContextWindow, "select", lambda self, rows: (kept.append(len(rows)), real_select(self, rows))[1])
+    with_cache = generate(model, prompt, 14, strategy="beam", beams=3, eos_id=eos_id)
+    assert kept[0] == 2 and max(kept) == 3  # a beam ended at the first step; later steps had three again
+    assert with_cache == generate(model, prompt, 14, strategy="beam", beams=3, eos_id=eos_id, use_cache=False)
+    without_eos = generate(model, prompt, 14, strategy="beam", beams=3)
+    assert len(without_eos) == 14
+    assert without_eos == generate(model, prompt, 14, strategy="beam", beams=3, use_cache=False)
+
+
 def test_long_prompt_is_cropped_to_the_window():
     model = tiny()
     prompt = list(range(1, 21))
@@ -170,6 +189,33 @@ def test_sampling_is_reproducible_with_a_generator():
             for s in (7, 7, 8)]
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
+
+
+class UnigramStub(TransformerLM):
+    """Every next-token distribution is PROBS, whatever came before."""
+
+    PROBS = torch.tensor([0.05, 0.40, 0.30, 0.15, 0.10])
+
+    def __init__(self):
+        super().__init__(TransformerConfig(vocab_size=5, block_size=8, n_embd=4, n_head=1, n_layer=1, ff_hidden=4))
+
+    def forward(self, idx, targets=None, caches=None, return_attention=False):
+        return Output(self.PROBS.log().expand(*idx.shape, 5), None, None)  # (B, T, V)
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    ({"strategy": "sample"}, [0.05, 0.40, 0.30, 0.15, 0.10]),
+    ({"strategy": "sample", "temperature": 2.0}, [p ** 0.5 for p in (0.05, 0.40, 0.30, 0.15, 0.10)]),
+    ({"strategy": "top-k", "top_k": 3}, [0, 0.40, 0.30, 0.15, 0]),
+    ({"strategy": "top-p", "top_p": 0.6}, [0, 0.40, 0.30, 0, 0]),  # 0.40 < 0.6, 0.40 + 0.30 >= 0.6
+    ({"strategy": "top-p", "top_p": 0.75, "top_k": 2}, [0, 0.40, 0.30, 0, 0]),  # top-k cuts first
+], ids=["sample", "temperature-2", "top-k-3", "top-p-0.6", "top-k-2-and-top-p"])
+def test_sampled_frequencies_follow_the_renormalised_probabilities(options, expected):
+    tokens = generate(UnigramStub(), [1], 2000, generator=torch.Generator().manual_seed(0), **options)
+    expected = torch.tensor(expected) / sum(expected)
+    frequencies = torch.bincount(torch.tensor(tokens), minlength=5) / len(tokens)
+    assert frequencies[expected == 0].sum() == 0  # a filtered token is never drawn
+    torch.testing.assert_close(frequencies, expected, atol=0.035, rtol=0)  # over 3 standard errors at 2000 draws
 
 
 def test_filter_logits_by_hand():

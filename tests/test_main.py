@@ -1,12 +1,18 @@
 """End to end through the command line, on a slice of the course data; bad input gives one line and exit 2."""
 
 import json
+import shutil
 
 import pytest
+import torch
 
 import main
+import training
+import utilities
+from tokenizer import tokenizer_from_json
+from transformer import TransformerClassifier, TransformerConfig, TransformerLM
 
-FAST = ["--no-plots", "--seed", "1"]
+FAST = ["--no-plots", "--seed", "1", "--device", "cpu"]  # the CPU, so that results do not depend on the machine
 
 
 def run(capsys, *argv):
@@ -26,7 +32,10 @@ def test_part_one_learns_and_reports(small_data, tmp_path, capsys):
     result = json.loads((tmp_path / "part_one.json").read_text())
     losses = [row["train_loss"] for row in result["epochs"]]
     assert len(losses) == 4 and losses[-1] < losses[0]
-    assert result["num_test_seen"] + result["num_test_unseen"] == 120
+    train = {line.split("\t")[1].strip() for line in (small_data / "train_CLS.tsv").read_text().splitlines()}
+    test = [line.split("\t")[1].strip() for line in (small_data / "test_CLS.tsv").read_text().splitlines()]
+    seen = sum(text in train for text in test)
+    assert (result["num_test_seen"], result["num_test_unseen"]) == (seen, len(test) - seen)
     assert result["extra"]["test_CLS.tsv"] == result["test_accuracy"]
     assert "attention sanity checks passed" in out
 
@@ -42,40 +51,51 @@ def test_part_two_perplexity_falls(small_data, tmp_path, capsys):
 
 
 def test_part_three_compares_absolute_and_alibi_with_plots(small_data, tmp_path, capsys):
-    status, out, _ = run(capsys, "--part", "three", "--data-dir", small_data, "--out", tmp_path,
-                         "--max-iters", "30", "--eval-interval", "30", "--epochs", "1")
+    status, out, _ = run(capsys, "--part", "three", "--data-dir", small_data, "--out", tmp_path, "--device", "cpu",
+                         "--max-iters", "30", "--eval-interval", "30", "--epochs", "1", "--n-layer", "1")
     assert status == 0, out
     result = json.loads((tmp_path / "part_three.json").read_text())
     assert set(result["lm"]) == set(result["classifier"]) == {"absolute", "alibi"}
     assert result["lm"]["alibi"]["num_parameters"] < result["lm"]["absolute"]["num_parameters"]
     assert (tmp_path / "part_three_perplexity.png").stat().st_size > 0
     heatmaps = list((tmp_path / "attention").glob("part3_decoder_alibi_layer*_head*.png"))
-    assert len(heatmaps) == 4 * 2  # every layer and head
+    assert len(heatmaps) == 1 * 2  # every layer and head
+    table = next(line for line in out.splitlines() if line.startswith("| alibi |"))
+    cells = [cell.strip() for cell in table.strip("|").split("|")]
+    final = result["lm"]["alibi"]["final"]
+    assert cells[2:] == [f"{final['train_perplexity']:.2f}", *(f"{v:.2f}" for v in final["perplexity"].values()),
+                         "the last iteration (30)"]
 
 
 def test_best_preset_selects_on_validation_then_refits_on_everything(small_data, tmp_path, capsys):
     status, out, _ = run(capsys, "--part", "two", "--data-dir", small_data, "--out", tmp_path, "--preset", "best",
-                         "--max-iters", "40", "--eval-interval", "20", *FAST)
+                         "--max-iters", "20", "--eval-interval", "10", "--n-layer", "1", "--batch-size", "8", *FAST)
     assert status == 0, out
     result = json.loads((tmp_path / "part_two.json").read_text())
-    assert [row["iteration"] for row in result["evals"]] == [20, 40]  # the selection run, with validation
-    chosen = min(result["evals"], key=lambda row: row["validation_perplexity"])["iteration"]
+    assert [row["iteration"] for row in result["selection_evals"]] == [10, 20]  # the selection run, with validation
+    chosen = min(result["selection_evals"], key=lambda row: row["validation_perplexity"])["iteration"]
     assert result["best_iteration"] == chosen and result["refit"]
-    assert "retrained on all of train_LM.txt" in out
+    # the curve and the final figures are the refit's, which has no validation split
+    assert [row["iteration"] for row in result["evals"]] == list(range(10, chosen + 1, 10))
+    assert result["final"] == {**{key: result["evals"][-1][key] for key in ("iteration", "train_perplexity", "perplexity")},
+                               "model": f"retrained on all of train_LM.txt for the {chosen} iterations validation chose"}
+    assert "retrained on all of train_LM.txt" in out and f"final figures are those of {result['final']['model']}" in out
     status, out, _ = run(capsys, "--part", "one", "--data-dir", small_data, "--out", tmp_path, "--preset", "best",
-                         "--epochs", "3", *FAST)
+                         "--epochs", "3", "--n-layer", "1", "--batch-size", "16", *FAST)
     assert status == 0, out
     result = json.loads((tmp_path / "part_one.json").read_text())
     best = max(result["selection_epochs"], key=lambda row: row["validation_accuracy"])
     assert result["chosen_epochs"] == best["epoch"]
     assert [row["epoch"] for row in result["epochs"]] == list(range(1, best["epoch"] + 1))  # the refit stops there
+    assert result["model"] == f"retrained on all of train_CLS.tsv for the {best['epoch']} epochs validation chose"
 
 
 def test_same_seed_gives_identical_numbers(small_data, tmp_path, capsys):
     results = []
     for attempt in range(2):
         out_dir = tmp_path / str(attempt)
-        assert run(capsys, "--part", "one", "--data-dir", small_data, "--out", out_dir, "--epochs", "2", *FAST)[0] == 0
+        assert run(capsys, "--part", "one", "--data-dir", small_data, "--out", out_dir, "--epochs", "2", "--n-layer", "2",
+                   *FAST)[0] == 0
         results.append(without_times(json.loads((out_dir / "part_one.json").read_text())))
     assert results[0] == results[1]
 
@@ -114,22 +134,28 @@ def test_bad_data_gives_one_line_and_status_2(copy_of_small_data, tmp_path, caps
     (["--batch-size", "-1"], "batch_size must be positive"),
     (["--part", "four"], "invalid choice"),
     (["--data-dir", "/nonexistent/speeches"], "data folder not found"),
+    (["--device", "bogus"], "device 'bogus' is not usable here"),
+    (["--device", "cuda:99"], "device 'cuda:99' is not usable here"),
+    (["--seeds", "0"], "--seeds must be positive, got 0"),
+    (["--extra-test", "/nonexistent/typo.tsv"], "typo.tsv: file not found"),
+    (["--part", "two", "--extra-test", "/nonexistent/typo.txt"], "typo.txt: file not found"),
 ])
 def test_bad_options_give_one_line_and_status_2(small_data, tmp_path, capsys, argv, message):
+    """Before any training: nothing is printed on stdout."""
     argv = ["--part", "one", "--data-dir", str(small_data), "--out", str(tmp_path)] + argv
     try:
         status = main.main(argv)
     except SystemExit as exit:  # argparse's own errors
         status = exit.code
-    err = capsys.readouterr().err
-    assert status == 2
+    out, err = capsys.readouterr()
+    assert status == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and message in err
 
 
 def test_explore_reports_each_variant_table_and_json(small_data, tmp_path, capsys):
     status, out, _ = run(capsys, "--part", "three", "--data-dir", small_data, "--out", tmp_path, "--explore",
-                         "--variants", "base,alibi,local-window", "--seeds", "2", "--epochs", "1",
-                         "--max-iters", "10", "--eval-interval", "10")
+                         "--variants", "base,alibi,local-window", "--seeds", "2", "--epochs", "1", "--n-layer", "1",
+                         "--max-iters", "10", "--eval-interval", "10", "--workers", "1", "--device", "cpu")
     assert status == 0, out
     exploration = json.loads((tmp_path / "part_three.json").read_text())["exploration"]
     assert set(exploration["classifier"]) == set(exploration["lm"]) == {"base", "alibi", "local-window"}
@@ -140,31 +166,29 @@ def test_explore_reports_each_variant_table_and_json(small_data, tmp_path, capsy
         assert (tmp_path / name).stat().st_size > 0
 
 
-def test_explore_rejects_unknown_variants(small_data, tmp_path, capsys):
-    status, _, err = run(capsys, "--part", "three", "--data-dir", small_data, "--out", tmp_path, "--explore",
-                         "--variants", "base,bogus", "--epochs", "1", "--max-iters", "10", "--eval-interval", "10")
-    assert status == 2 and "unknown variant(s) bogus" in err
+def test_explore_rejects_unknown_variants_before_training(small_data, tmp_path, capsys):
+    status, out, err = run(capsys, "--part", "three", "--data-dir", small_data, "--out", tmp_path, "--explore",
+                           "--variants", "base,bogus", "--epochs", "1", "--max-iters", "10", "--eval-interval", "10", *FAST)
+    assert status == 2 and out == "" and len(err.strip().splitlines()) == 1 and "unknown variant(s) bogus" in err
 
 
 def test_bpe_language_model_reports_word_level_perplexity(small_data, tmp_path, capsys):
-    status, out, _ = run(capsys, "--part", "two", "--data-dir", small_data, "--out", tmp_path, "--tokenizer", "bpe",
-                         "--bpe-vocab", "400", "--max-iters", "20", "--eval-interval", "20", *FAST)
+    argv = ["--part", "two", "--data-dir", small_data, "--tokenizer", "bpe", "--bpe-vocab", "400"]
+    status, out, _ = run(capsys, *argv, "--out", tmp_path, "--max-iters", "20", "--eval-interval", "20", *FAST)
     assert status == 0, out
     result = json.loads((tmp_path / "part_two.json").read_text())
     assert result["vocab_size"] == 400 and result["tokenizer"] == "bpe"
-    final = result["evals"][-1]
-    # a BPE file has more tokens than words, so the same total NLL spread over fewer words is larger
-    for name in ("obama", "wbush", "hbush"):
-        assert final["word_perplexity"][name] > final["perplexity"][name]
+    final = result["final"]
+    # one total NLL per file: exp(NLL / scored tokens) and exp(NLL / scored words), counted here with the same tokenizers
+    context = training.make_run(main.build_parser().parse_args([str(a) for a in argv]))
+    for name, text in context.data.test_lm.items():
+        tokens, words = len(context.tokenizer.encode(text)) - 1, len(context.words.split(text)) - 1
+        assert tokens != words
+        assert final["word_perplexity"][name] == pytest.approx(final["perplexity"][name] ** (tokens / words), rel=1e-9)
 
 
 def test_word_level_perplexity_equals_per_token_for_the_word_tokenizer(small_data):
-    import torch
-
-    import training
-    from transformer import TransformerLM
-
-    args = main.build_parser().parse_args(["--part", "two", "--data-dir", str(small_data)])
+    args = main.build_parser().parse_args(["--part", "two", "--data-dir", str(small_data), "--device", "cpu"])
     context = training.make_run(args)
     torch.manual_seed(0)
     model = TransformerLM(training.model_config(context, "lm", n_layer=1))
@@ -182,10 +206,6 @@ def saved_decoder(small_data, tmp_path_factory):
 
 
 def test_a_loaded_checkpoint_reproduces_the_saved_perplexity_exactly(saved_decoder, small_data):
-    import training
-    import utilities
-    from tokenizer import tokenizer_from_json
-
     model, tokenizer_json, metrics = utilities.build_and_load(saved_decoder / "checkpoint")
     saved = json.loads((saved_decoder / "part_two.json").read_text())["final"]["perplexity"]
     context = training.Run(None, None, tokenizer_from_json(tokenizer_json), model.lm_head.weight.device, None, None)
@@ -215,8 +235,6 @@ def test_generate_bad_input_gives_one_line_and_status_2(saved_decoder, capsys, a
 
 
 def test_generate_from_a_broken_checkpoint_gives_one_line_and_status_2(saved_decoder, tmp_path, capsys):
-    import shutil
-
     broken = tmp_path / "broken"
     shutil.copytree(saved_decoder / "checkpoint", broken)
     weights = (broken / "model.safetensors").read_bytes()
@@ -227,15 +245,75 @@ def test_generate_from_a_broken_checkpoint_gives_one_line_and_status_2(saved_dec
 
 def test_improve_puts_baselines_base_and_best_side_by_side(small_data, tmp_path, capsys):
     status, out, _ = run(capsys, "--part", "three", "--data-dir", small_data, "--out", tmp_path, "--improve", "--audit",
-                         "--seeds", "2", "--epochs", "2", "--max-iters", "20", "--eval-interval", "10", "--no-plots")
+                         "--seeds", "2", "--epochs", "2", "--max-iters", "20", "--eval-interval", "10", "--n-layer", "1",
+                         "--workers", "1", *FAST)
     assert status == 0, out
     assert "test_CLS: 120 segments;" in out  # the audit
     improve = json.loads((tmp_path / "part_three.json").read_text())["improve"]
     assert set(improve["classifier"]) == {"naive_bayes", "tfidf_logreg", "base", "best"}
     assert set(improve["lm"]) == {"kneser_ney", "base", "best"}
     best = improve["classifier"]["best"]
-    assert len(best["test_accuracy"]["values"]) == 2 and 0 <= best["ensemble"]["test_accuracy"] <= 100
+    assert len(best["test_accuracy"]["values"]) == 2
+    for accuracy in (best["ensemble"]["test_accuracy"], *best["test_accuracy"]["values"]):  # a count of the 120 segments
+        assert 120 * accuracy / 100 == pytest.approx(round(120 * accuracy / 100), abs=1e-6)
     # validation chooses when to stop (one of the evaluations); the final models are then retrained on everything
     assert all(iteration in (10, 20) for iteration in improve["lm"]["best"]["best_iteration"])
     assert all(epochs in (1, 2) for epochs in best["chosen_epochs"])
     assert (tmp_path / "improve_classifier.md").read_text().count("\n") == 2 + 6  # header, rule, 6 rows
+
+
+# ---------------------------------------------------------------- inputs checked before any training
+
+
+def test_an_extra_test_typo_stops_the_run_before_training(small_data, tmp_path, capsys):
+    (tmp_path / "part_one.json").write_text('{"kept": true}')
+    status, out, err = run(capsys, "--part", "one", "--data-dir", small_data, "--out", tmp_path,
+                           "--extra-test", small_data / "test_CLS.tsv", "--extra-test", tmp_path / "tset_CLS.tsv", *FAST)
+    assert status == 2 and out == ""  # no epoch was trained
+    assert err.strip().splitlines() == [f"main.py: error: {tmp_path / 'tset_CLS.tsv'}: file not found"]
+    assert json.loads((tmp_path / "part_one.json").read_text()) == {"kept": True}
+
+
+@pytest.mark.parametrize("part", ["two", "three"])
+def test_a_one_token_extra_test_text_is_an_error_before_training(small_data, tmp_path, capsys, part):
+    (tmp_path / "one_word.txt").write_text("Freedom\n", encoding="utf-8")
+    status, out, err = run(capsys, "--part", part, "--data-dir", small_data, "--out", tmp_path / "out",
+                           "--extra-test", tmp_path / "one_word.txt", *FAST)
+    assert status == 2 and out == ""
+    assert err.strip().splitlines() == [f"main.py: error: {tmp_path / 'one_word.txt'}: 1 token(s), 1 word(s); "
+                                        "perplexity needs at least 2 of each"]
+
+
+def test_a_one_token_test_file_is_an_error_not_a_traceback(copy_of_small_data, tmp_path, capsys):
+    (copy_of_small_data / "test_LM_hbush.txt").write_text("Thanks\n", encoding="utf-8")
+    status, out, err = run(capsys, "--part", "two", "--data-dir", copy_of_small_data, "--out", tmp_path, *FAST)
+    assert status == 2 and "iteration" not in out
+    assert err.strip().splitlines() == ["main.py: error: test_LM_hbush.txt: 1 token(s), 1 word(s); "
+                                        "perplexity needs at least 2 of each"]
+
+
+# ---------------------------------------------------------------- generate: checkpoints it cannot use
+
+
+def tiny_checkpoint(directory, model_class, kind):
+    torch.manual_seed(0)
+    model = model_class(TransformerConfig(vocab_size=4, block_size=8, n_embd=8, n_head=2, n_layer=1, ff_hidden=8))
+    tokenizer = json.dumps({"type": "word", "itos": ["<pad>", "<unk>", "We", "will"]})
+    return utilities.save_checkpoint(directory, model, {**model.config.to_dict(), "model": kind}, tokenizer, {})
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("classifier", "holds a classifier; generation needs a decoder"),
+    ("config-list", "config.json: expected a JSON dict, got list"),
+    ("tokenizer-type", "unknown tokenizer type 'sentencepiece'"),
+])
+def test_generate_refuses_an_unusable_checkpoint_in_one_line(tmp_path, capsys, damage, message):
+    checkpoint = tiny_checkpoint(tmp_path / "run", *((TransformerClassifier, "classifier") if damage == "classifier"
+                                                     else (TransformerLM, "lm")))
+    if damage == "config-list":
+        (checkpoint / "config.json").write_text("[1, 2]", encoding="utf-8")
+    if damage == "tokenizer-type":
+        (checkpoint / "tokenizer.json").write_text('{"type": "sentencepiece"}', encoding="utf-8")
+    status, out, err = run(capsys, "generate", "--checkpoint", checkpoint, "--prompt", "We will")
+    assert status == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err

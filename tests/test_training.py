@@ -1,11 +1,30 @@
-"""The shared training loop: schedules and early stopping."""
+"""The shared training loop (schedules, early stopping), the test groups and perplexity, against hand-computed
+cases and brute-force loops."""
 
 import itertools
+import math
+from types import SimpleNamespace
 
+import pytest
 import torch
 
-from training import TrainingConfig, fit, make_optimizer
-from transformer import TransformerConfig, TransformerLM
+import main
+import training
+from dataset import load_speeches
+from training import (
+    TrainingConfig,
+    classifier_report,
+    encode_stream,
+    fit,
+    make_optimizer,
+    make_run,
+    model_config,
+    perplexity,
+    train_language_model,
+    training_config,
+    word_perplexity,
+)
+from transformer import Output, TransformerConfig, TransformerLM
 
 
 def tiny_model():
@@ -68,3 +87,110 @@ def test_stop_after_follows_the_full_schedule_up_to_that_step():
     for key, value in stopped_states[-1].items():
         assert torch.equal(value, full_states[5][key])
     assert not torch.equal(stopped_states[-1]["lm_head.weight"], squeezed_states[-1]["lm_head.weight"])
+
+
+# ---------------------------------------------------------------- the seen / unseen / in-neither test groups
+
+
+def test_test_splits_follow_the_overlap_flags_and_give_hand_computed_accuracies(tiny_speeches):
+    # test segments: "One two." (seen, label 0), "Three four." (seen, 2), "Seven eight." (unseen, only in train_LM, 1),
+    # "Nine ten." (in neither file, 0), "One two." (seen, 0)
+    run = SimpleNamespace(data=tiny_speeches)
+    splits = training.test_splits(run)
+    assert splits["seen"].tolist() == [True, True, False, False, True]
+    assert splits["unseen"].tolist() == [False, False, True, True, False]
+    assert splits["unseen_both"].tolist() == [False, False, False, True, False]
+    predicted = [0, 1, 1, 2, 0]  # right, wrong, right, wrong, right
+    probabilities = torch.nn.functional.one_hot(torch.tensor(predicted), 3).float() * 0.6 + 0.1
+    report = classifier_report(run, probabilities)
+    assert report == pytest.approx({"test_accuracy": 100 * 3 / 5,
+                                    "test_accuracy_seen": 100 * 2 / 3, "num_test_seen": 3,
+                                    "test_accuracy_unseen": 100 * 1 / 2, "num_test_unseen": 2,
+                                    "test_accuracy_unseen_both": 0.0, "num_test_unseen_both": 1})
+
+
+def test_test_splits_on_the_course_data(data_dir):
+    speeches = load_speeches(data_dir)
+    train_texts = set(speeches.train_cls.texts)
+    seen = [text in train_texts for text in speeches.test_cls.texts]
+    neither = [text not in train_texts and text not in speeches.train_lm for text in speeches.test_cls.texts]
+    splits = training.test_splits(SimpleNamespace(data=speeches))
+    assert splits["seen"].tolist() == seen and splits["unseen"].tolist() == [not s for s in seen]
+    assert splits["unseen_both"].tolist() == neither
+    assert (sum(seen), len(seen) - sum(seen), sum(neither)) == (551, 199, 122)
+
+
+# ---------------------------------------------------------------- perplexity against a brute-force loop
+
+
+class ZeroLogits(torch.nn.Module):
+    """Equal logits for every token: the model's perplexity is the vocabulary size, whatever the text."""
+
+    def forward(self, idx, targets=None):
+        return Output(torch.zeros(*idx.shape, 37), None, None)
+
+
+def brute_force_nll(model, stream, block_size):
+    """Summed -log P(token t | the tokens before it in its window) for t = 1 .. N-1, one forward pass each:
+    windows are consecutive runs of block_size inputs, so token t sees tokens block_size * ((t-1) // block_size) .. t-1."""
+    total = 0.0
+    with torch.no_grad():
+        for t in range(1, len(stream)):
+            start = (t - 1) // block_size * block_size
+            logits = model(stream[start:t][None]).logits[0, -1]
+            total -= logits.double().log_softmax(-1)[stream[t]].item()
+    return total
+
+
+def test_perplexity_of_equal_logits_is_the_vocabulary_size():
+    stream = torch.randint(0, 37, (50,), generator=torch.Generator().manual_seed(0))
+    assert perplexity(ZeroLogits(), stream, 8, torch.device("cpu")) == pytest.approx(37, rel=1e-6)
+
+
+def test_perplexity_matches_a_token_by_token_loop():
+    model = tiny_model().eval()
+    # 601 tokens: 600 targets in 150 windows of 4, more than one evaluation batch of 128; then 7 tokens,
+    # whose 6 targets do not fill a window of 4
+    for length, block_size in ((601, 4), (7, 4)):
+        stream = torch.randint(0, 20, (length,), generator=torch.Generator().manual_seed(length))
+        expected = math.exp(brute_force_nll(model, stream, block_size) / (length - 1))
+        assert perplexity(model, stream, block_size, torch.device("cpu")) == pytest.approx(expected, rel=1e-5)
+
+
+def test_perplexity_of_one_token_is_an_error_not_a_division_by_zero():
+    with pytest.raises(ValueError, match="perplexity needs at least 2 tokens, got 1"):
+        perplexity(ZeroLogits(), torch.tensor([3]), 8, torch.device("cpu"))
+
+
+def test_word_level_perplexity_spreads_the_token_nll_over_the_words(small_data):
+    args = main.build_parser().parse_args(["--part", "two", "--data-dir", str(small_data), "--device", "cpu",
+                                           "--tokenizer", "bpe", "--bpe-vocab", "300"])
+    run = make_run(args)
+    torch.manual_seed(0)
+    model = TransformerLM(model_config(run, "lm", n_layer=1, n_embd=16, n_head=2)).eval()
+    text = "\n".join(run.data.test_lm["hbush"].splitlines()[:3])
+    stream = encode_stream(run, text)
+    words = run.words.split(text)
+    assert len(stream) > len(words)  # BPE splits words: a per-token figure would not be a per-word one
+    expected = math.exp(brute_force_nll(model, stream, 32) / (len(words) - 1))
+    assert word_perplexity(run, model, text, 32) == pytest.approx(expected, rel=1e-5)
+
+
+# ---------------------------------------------------------------- under a validation split, one model's figures
+
+
+def test_best_preset_reports_the_figures_of_the_model_it_returns(small_data):
+    """With validation and refit, every figure in "final" is the returned (refit) model's, evaluated here afresh."""
+    args = main.build_parser().parse_args(["--part", "two", "--data-dir", str(small_data), "--device", "cpu",
+                                           "--preset", "best", "--max-iters", "20", "--eval-interval", "10",
+                                           "--n-layer", "1", "--n-embd", "16", "--block-size", "16", "--batch-size", "8"])
+    run = make_run(args)
+    model, report = train_language_model(run, model_config(run, "lm"), training_config(run, "lm"), 1, log=lambda *a: None)
+    chosen = min(report["selection_evals"], key=lambda row: row["validation_perplexity"])["iteration"]
+    assert report["best_iteration"] == chosen and report["final"]["iteration"] == chosen
+    assert "retrained on all of train_LM.txt" in report["final"]["model"]
+    assert report["evals"][-1]["perplexity"] == report["final"]["perplexity"]  # the table and the curve agree
+    cpu = torch.device("cpu")
+    assert report["final"]["train_perplexity"] == perplexity(model, encode_stream(run, run.data.train_lm), 16, cpu)
+    assert report["final"]["perplexity"] == {name: perplexity(model, encode_stream(run, text), 16, cpu)
+                                             for name, text in run.data.test_lm.items()}

@@ -7,16 +7,20 @@ import torch
 import torch.nn.functional as F
 
 from transformer import (
+    AlibiPositions,
     Attention,
     AttentionMask,
+    DisentangledPositions,
     LayerNorm,
     NoPositions,
     RMSNorm,
+    RotaryPositions,
     TransformerClassifier,
     TransformerConfig,
     TransformerLM,
     alibi_slopes,
     count_parameters,
+    sinusoid_table,
 )
 
 V = 50
@@ -157,3 +161,111 @@ def test_default_parameter_counts_follow_the_formula():
 def test_invalid_options_raise_one_line_errors(changes, message):
     with pytest.raises(ValueError, match=message):
         TransformerConfig(**changes).validate()
+
+
+# ---------------------------------------------------------------- position schemes against their formulas
+
+
+def test_sinusoid_table_matches_the_formula():
+    length, dim = 12, 10
+    table = sinusoid_table(length, dim)
+    for pos in range(length):
+        for i in range(dim // 2):
+            angle = pos / 10000 ** (2 * i / dim)
+            assert table[pos, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-5)
+            assert table[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-5)
+
+
+def test_disentangled_bias_matches_an_i_j_loop_with_clipping():
+    torch.manual_seed(0)
+    config = small(position="disentangled", relative_clip=2)
+    positions = DisentangledPositions(config, 16)
+    hs, H, k = 4, 4, 2
+    key_table = positions.key_table.detach().view(2 * k + 1, H, hs)  # (2k+1, H, hs): head h's part of each row
+    query_table = positions.query_table.detach().view(2 * k + 1, H, hs)
+    q, keys = torch.randn(2, H, 3, hs), torch.randn(2, H, 7, hs)
+    start = 4  # three queries at positions 4, 5, 6 over keys 0..6, as a cached decoding step sees them
+    with torch.no_grad():
+        bias = positions.score_bias(q, keys, start)
+    for b in range(2):
+        for h in range(H):
+            for row in range(3):
+                i = start + row
+                for j in range(7):
+                    query_to_key = max(-k, min(k, i - j)) + k  # DeBERTa's delta(i, j)
+                    key_to_query = max(-k, min(k, j - i)) + k  # delta(j, i)
+                    expected = (q[b, h, row] @ key_table[query_to_key, h]
+                                + keys[b, h, j] @ query_table[key_to_query, h]) / math.sqrt(hs)
+                    assert bias[b, h, row, j].item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def rotate_by_hand(x, start):
+    """Rotate each pair (2m, 2m+1) of the last dimension of x (B, H, T, hs) at position p by p * 10000^(-2m/hs)."""
+    rotated = x.clone()
+    hs = x.shape[-1]
+    for t in range(x.shape[2]):
+        for m in range(hs // 2):
+            angle = (start + t) * 10000 ** (-2 * m / hs)
+            even, odd = x[..., t, 2 * m], x[..., t, 2 * m + 1]
+            rotated[..., t, 2 * m] = even * math.cos(angle) - odd * math.sin(angle)
+            rotated[..., t, 2 * m + 1] = even * math.sin(angle) + odd * math.cos(angle)
+    return rotated
+
+
+def split_heads(attention, x):
+    B, T, _ = x.shape
+    return attention.qkv(x).view(B, T, 3 * 4, 4).transpose(1, 2).split([4, 4, 4], dim=1)  # (B, H, T, hs) x3
+
+
+def merge_heads(attention, y):
+    B, _, T, _ = y.shape
+    return attention.proj(y.transpose(1, 2).reshape(B, T, 16))
+
+
+def test_rope_attention_rotates_queries_and_keys():
+    torch.manual_seed(0)
+    config = small(position="rope")
+    attention = Attention(config)
+    x = torch.randn(2, 6, 16)
+    mask = AttentionMask("full", 8, True, 16)(0, 6, 6)[None, None]
+    with torch.no_grad():
+        ours, _ = attention(x, mask, RotaryPositions(config, 16))
+        q, k, v = split_heads(attention, x)
+        reference = F.scaled_dot_product_attention(rotate_by_hand(q, 0), rotate_by_hand(k, 0), v, attn_mask=mask)
+    torch.testing.assert_close(ours, merge_heads(attention, reference), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_alibi_attention_adds_its_bias_unscaled(causal):
+    torch.manual_seed(0)
+    config = small(position="alibi")
+    attention = Attention(config)
+    x = torch.randn(2, 6, 16)
+    mask = AttentionMask("full", 8, causal, 16)(0, 6, 6)
+    slopes = torch.tensor([2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8])  # four heads: 2^(-8h/4)
+    distance = torch.tensor([[abs(i - j) for j in range(6)] for i in range(6)], dtype=torch.float32)
+    float_mask = (-slopes[:, None, None] * distance).masked_fill(~mask, float("-inf"))  # (H, T, T)
+    with torch.no_grad():
+        ours, _ = attention(x, mask[None, None], AlibiPositions(config, 16))
+        q, k, v = split_heads(attention, x)
+        reference = F.scaled_dot_product_attention(q, k, v, attn_mask=float_mask)  # adds the mask to q.k / sqrt(hs)
+    torch.testing.assert_close(ours, merge_heads(attention, reference), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- padding
+
+
+@pytest.mark.parametrize("changes", [{}, {"attention_pattern": "local", "window": 3},
+                                     {"attention_pattern": "block", "window": 3}, {"norm_placement": "post"}],
+                         ids=["full", "local", "block", "post-norm"])
+def test_each_row_of_a_ragged_batch_equals_its_unpadded_self(changes):
+    torch.manual_seed(0)
+    model = TransformerClassifier(small(**changes)).eval()
+    lengths = [2, 5, 9, 12]
+    rows = [torch.randint(2, V, (n,), generator=torch.Generator().manual_seed(n)) for n in lengths]
+    batch = torch.stack([F.pad(row, (0, 12 - len(row))) for row in rows])  # (4, 12), right-padded with 0
+    with torch.no_grad():
+        batched = model(batch).logits
+        for index, row in enumerate(rows):
+            alone = model(row[None]).logits[0]
+            torch.testing.assert_close(batched[index], alone, rtol=1e-5, atol=1e-6)

@@ -7,36 +7,89 @@ import torch
 
 from experiments import VARIANTS, mask_density
 from transformer import (
+    MLP,
+    AlibiPositions,
     Attention,
     AttentionMask,
+    Block,
+    ClsPooling,
+    DisentangledPositions,
+    FactorisedEmbedding,
+    LayerNorm,
+    LearnedPositions,
     NoPositions,
+    PostNormBlock,
+    RMSNorm,
     RotaryPositions,
+    SinusoidalPositions,
+    SwiGLU,
     TransformerClassifier,
     TransformerConfig,
     TransformerLM,
+    block_pattern,
     count_parameters,
+    local_pattern,
 )
 
 V = 40
 
 
 def small(**changes) -> TransformerConfig:
-    return TransformerConfig(vocab_size=V, block_size=16, n_embd=16, n_head=4, n_layer=2, ff_hidden=24,
-                             window=4, **changes)
+    sizes = {"vocab_size": V, "block_size": 16, "n_embd": 16, "n_head": 4, "n_layer": 2, "ff_hidden": 24, "window": 4}
+    return TransformerConfig(**{**sizes, **changes})
+
+
+def built(model):
+    """The classes a model was built from: its trunk, one block, that block's attention and feedforward."""
+    trunk = model.encoder if isinstance(model, TransformerClassifier) else model.decoder
+    block = trunk.blocks[0]
+    return trunk, block, block.attention, block.feedforward
+
+
+# what each variant's option must build, checked on the model's modules rather than on its output
+BUILT = {
+    "base": lambda m, t, b, a, f: isinstance(t.positions, LearnedPositions) and type(b) is Block and isinstance(f, MLP)
+    and isinstance(f.net[1], torch.nn.ReLU) and isinstance(b.norm1, LayerNorm) and a.n_kv_heads == a.n_head,
+    "sinusoidal": lambda m, t, b, a, f: type(t.positions) is SinusoidalPositions,
+    "rope": lambda m, t, b, a, f: type(t.positions) is RotaryPositions,
+    "alibi": lambda m, t, b, a, f: type(t.positions) is AlibiPositions,
+    "no-position": lambda m, t, b, a, f: type(t.positions) is NoPositions,
+    "disentangled": lambda m, t, b, a, f: type(t.positions) is DisentangledPositions,
+    "rmsnorm": lambda m, t, b, a, f: isinstance(b.norm1, RMSNorm) and isinstance(t.final_norm, RMSNorm),
+    "post-norm": lambda m, t, b, a, f: type(b) is PostNormBlock and isinstance(t.final_norm, torch.nn.Identity),
+    "gelu": lambda m, t, b, a, f: isinstance(f, MLP) and isinstance(f.net[1], torch.nn.GELU),
+    "swiglu": lambda m, t, b, a, f: isinstance(f, SwiGLU),
+    "multi-query": lambda m, t, b, a, f: a.n_kv_heads == 1,
+    "local-window": lambda m, t, b, a, f: t.mask.pattern is local_pattern,
+    "blockwise": lambda m, t, b, a, f: t.mask.pattern is block_pattern,
+    "cls-pooling": lambda m, t, b, a, f: isinstance(m.pooling, ClsPooling),
+    "tied-embeddings": lambda m, t, b, a, f: m.lm_head.weight is t.token_embedding.weight,
+    "shared-layers": lambda m, t, b, a, f: all(block is b for block in t.blocks) and len(t.blocks) == 2,
+    "factorised-embedding": lambda m, t, b, a, f: isinstance(t.token_embedding, FactorisedEmbedding)
+    and t.token_embedding.table.embedding_dim == 16,
+}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_every_variant_trains_forward_and_backward_on_both_tasks(variant):
+def test_every_variant_builds_its_modules_and_changes_the_output(variant):
+    """A variant whose option were silently ignored would build the base model: same modules, same output."""
+    assert set(BUILT) == set(VARIANTS)
     changes, tasks = VARIANTS[variant]
-    torch.manual_seed(0)
     for task in tasks:
-        model = (TransformerClassifier if task == "classifier" else TransformerLM)(small(**changes))
-        idx = torch.randint(2, V, (3, 12))
+        model_class = TransformerClassifier if task == "classifier" else TransformerLM
+        torch.manual_seed(0)
+        model = model_class(small(n_embd=32, **changes))  # wider than the factorised table (16)
+        torch.manual_seed(0)
+        base = model_class(small(n_embd=32))
+        assert BUILT[variant](model, *built(model))
+        idx = torch.randint(2, V, (3, 12), generator=torch.Generator().manual_seed(1))
         targets = torch.randint(0, 3, (3,)) if task == "classifier" else torch.randint(2, V, (3, 12))
-        loss = model(idx, targets).loss
-        loss.backward()
+        output = model(idx, targets)
+        if variant != "base":
+            assert not torch.allclose(output.logits, base(idx).logits)
+        output.loss.backward()
         grads = [p.grad for p in model.parameters() if p.requires_grad]
-        assert torch.isfinite(loss) and all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert torch.isfinite(output.loss) and all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
 def test_grouped_query_with_as_many_kv_heads_is_multi_head():
@@ -50,22 +103,38 @@ def test_grouped_query_with_as_many_kv_heads_is_multi_head():
 
 def test_multi_query_equals_multi_head_with_copied_key_value_heads():
     """Brute force: a multi-head layer whose key/value heads are all copies of the single shared head."""
+    check_grouped_query_against_multi_head(n_kv_heads=1)
+
+
+def test_grouped_query_equals_multi_head_with_each_pair_of_query_heads_sharing_one():
+    """Two key/value heads for four query heads: query heads 0, 1 use key/value head 0 and heads 2, 3 use head 1
+    (h // 2, as Llama's repeat_kv does), not 0, 1, 0, 1."""
+    check_grouped_query_against_multi_head(n_kv_heads=2)
+
+
+def check_grouped_query_against_multi_head(n_kv_heads):
     torch.manual_seed(0)
-    config = small(n_kv_heads=1)
-    mqa, mha = Attention(config), Attention(small())
+    config = small(n_kv_heads=n_kv_heads)
+    grouped, mha = Attention(config), Attention(small())
     hs, H = 4, 4
+    group = H // n_kv_heads
     with torch.no_grad():
-        w, b = mqa.qkv.weight, mqa.qkv.bias  # rows: H query heads, then 1 key head, then 1 value head
-        q_w, k_w, v_w = w[: H * hs], w[H * hs : (H + 1) * hs], w[(H + 1) * hs :]
-        q_b, k_b, v_b = b[: H * hs], b[H * hs : (H + 1) * hs], b[(H + 1) * hs :]
-        mha.qkv.weight.copy_(torch.cat([q_w, k_w.repeat(H, 1), v_w.repeat(H, 1)]))
-        mha.qkv.bias.copy_(torch.cat([q_b, k_b.repeat(H), v_b.repeat(H)]))
-        mha.proj.load_state_dict(mqa.proj.state_dict())
+        w, b = grouped.qkv.weight, grouped.qkv.bias  # rows: H query heads, then n_kv_heads key heads, then value heads
+        q_w, k_w, v_w = w.split([H * hs, n_kv_heads * hs, n_kv_heads * hs])
+        q_b, k_b, v_b = b.split([H * hs, n_kv_heads * hs, n_kv_heads * hs])
+        # multi-head query head h gets a copy of key/value head h // group, built by a plain loop
+        k_rows = torch.cat([k_w[(h // group) * hs : (h // group + 1) * hs] for h in range(H)])
+        v_rows = torch.cat([v_w[(h // group) * hs : (h // group + 1) * hs] for h in range(H)])
+        k_bias = torch.cat([k_b[(h // group) * hs : (h // group + 1) * hs] for h in range(H)])
+        v_bias = torch.cat([v_b[(h // group) * hs : (h // group + 1) * hs] for h in range(H)])
+        mha.qkv.weight.copy_(torch.cat([q_w, k_rows, v_rows]))
+        mha.qkv.bias.copy_(torch.cat([q_b, k_bias, v_bias]))
+        mha.proj.load_state_dict(grouped.proj.state_dict())
     x = torch.randn(2, 6, 16)
     mask = AttentionMask("full", 4, True, 16)(0, 6, 6)[None, None]
     positions = NoPositions(config, 16)
-    torch.testing.assert_close(mqa(x, mask, positions)[0], mha(x, mask, positions)[0])
-    assert count_parameters(mqa) < count_parameters(mha)
+    torch.testing.assert_close(grouped(x, mask, positions)[0], mha(x, mask, positions)[0])
+    assert count_parameters(grouped) < count_parameters(mha)
 
 
 def test_rope_scores_depend_only_on_the_offset():
