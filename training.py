@@ -73,8 +73,8 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 def check_precision(precision: str, device: torch.device):
     """Raise ValueError (one line) for a precision the device cannot train in."""
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError(f"--precision fp16 needs a CUDA device (a gradient scaler on {device.type} is not supported); "
-                         "use bf16 or fp32")
+        # float16 needs a gradient scaler, and most CPUs have no native float16 arithmetic: CUDA only
+        raise ValueError(f"--precision fp16 needs a CUDA device, not {device.type}; use bf16 or fp32")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("--precision bf16: this GPU has no bfloat16 support; use fp16 or fp32")
 
