@@ -331,6 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     explore.add_argument("--seeds", type=int, default=3, help="seeds per variant (from --seed on)")
     explore.add_argument("--workers", type=int,
                          help="worker processes (default: one per core, at most 2; 1: train in this process)")
+    speed = parser.add_argument_group("speed (docs/training.md)")
+    speed.add_argument("--precision", choices=training.PRECISIONS, default="fp32",
+                       help="autocast dtype of the training forward pass: fp32 (the course's numbers), bf16 (CPU or CUDA), "
+                            "fp16 (CUDA only, with a gradient scaler); evaluation stays fp32")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the training steps (pays for long runs only)")
     parser.add_argument("--tokenizer", choices=("word", "bpe"), default="word",
                         help="word: NLTK words (the course's); bpe: byte-level BPE trained on the training text")
     parser.add_argument("--bpe-vocab", type=int, default=2000, help="BPE vocabulary size (specials and bytes included)")

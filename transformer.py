@@ -139,7 +139,7 @@ class NoPositions(nn.Module):
         return x
 
     def score_bias(self, q, k, start: int):
-        return 0.0
+        return None  # no bias: attention skips the addition (a (B, H, T, Tk) add of zeros per layer)
 
 
 class LearnedPositions(NoPositions):
@@ -341,6 +341,11 @@ class KVCache:
         return keys, values
 
 
+def dropout(p: float) -> nn.Module:
+    """nn.Dropout(p), or nn.Identity at p = 0 (the course's): the same output without a call per step."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 def repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
     """(B, Hkv, T, hs) -> (B, Hkv * group, T, hs): each key/value head serves `group` query heads."""
     return x if group == 1 else x.repeat_interleave(group, dim=1)
@@ -358,7 +363,7 @@ class Attention(nn.Module):
         # queries, keys and values from one matrix: one matmul instead of three
         self.qkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_heads) * self.head_size)
         self.proj = nn.Linear(config.n_embd, config.n_embd)
-        self.attn_dropout = nn.Dropout(config.dropout)
+        self.attn_dropout = dropout(config.dropout)
 
     def forward(self, x, mask, positions, start=0, cache=None, return_attention=False):
         B, T, C = x.shape
@@ -369,7 +374,9 @@ class Attention(nn.Module):
             k, v = cache.append(k, v)  # (B, Hkv, Tk, hs)
         k, v = repeat_kv(k, self.n_head // self.n_kv_heads), repeat_kv(v, self.n_head // self.n_kv_heads)  # (B, H, Tk, hs)
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_size)  # (B, H, T, Tk)
-        scores = scores + positions.score_bias(q, k, start)
+        bias = positions.score_bias(q, k, start)
+        if bias is not None:
+            scores = scores + bias
         # a finite fill keeps a row with no allowed key (a padding query in a local window) from NaN
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         attention = scores.softmax(dim=-1)  # (B, H, T, Tk)
@@ -428,7 +435,7 @@ class Block(nn.Module):
         self.attention = Attention(config)
         self.norm2 = NORMS[config.norm](config.n_embd, config.norm_eps)
         self.feedforward = FEEDFORWARDS[config.feedforward](config.n_embd, config.ff_hidden)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = dropout(config.dropout)
 
     def forward(self, x, mask, positions, start=0, cache=None, return_attention=False):
         y, attention = self.attention(self.norm1(x), mask, positions, start, cache, return_attention)
@@ -481,7 +488,7 @@ class Trunk(nn.Module):
         self.token_embedding = token_embedding(config)
         self.positions = POSITIONS[config.position](config, max_len)
         self.mask = AttentionMask(config.attention_pattern, config.window, causal, max_len)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = dropout(config.dropout)
         # ALBERT's cross-layer sharing: one block, applied n_layer times (the same module at every index)
         distinct = 1 if config.share_layers else config.n_layer
         blocks = [BLOCKS[config.norm_placement](config) for _ in range(distinct)]

@@ -6,10 +6,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no screen needed
-import matplotlib.pyplot as plt
 import safetensors.torch
 import torch
 
@@ -43,12 +39,22 @@ def write_json(path: Path, data) -> Path:
     return write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only backend, imported on first use: a run with --no-plots never loads it."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no screen needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_figure(figure, path: Path) -> Path:
     """Save a matplotlib figure as PNG atomically and close it."""
     try:
         return atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=110, format="png"))
     finally:
-        plt.close(figure)
+        pyplot().close(figure)
 
 
 # ---------------------------------------------------------------- attention sanity checks
@@ -110,7 +116,7 @@ def save_attention_heatmaps(attentions, tokens: list[str], out_dir: Path, prefix
         for head in range(maps.shape[1]):
             matrix = maps[0, head].detach().cpu()[: len(tokens), : len(tokens)].numpy()
             size = 2.5 + 0.22 * len(tokens)
-            figure, axes = plt.subplots(figsize=(size, size))
+            figure, axes = pyplot().subplots(figsize=(size, size))
             image = axes.imshow(matrix, cmap="viridis", vmin=0.0, vmax=1.0)
             axes.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=7)
             axes.set_yticks(range(len(tokens)), tokens, fontsize=7)
@@ -129,7 +135,7 @@ def save_attention_heatmaps(attentions, tokens: list[str], out_dir: Path, prefix
 def plot_curves(series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, title: str, path: Path,
                 log_y: bool = False, log_x: bool = False) -> Path:
     """Line plot of named (x, y) series."""
-    figure, axes = plt.subplots(figsize=(6, 4))
+    figure, axes = pyplot().subplots(figsize=(6, 4))
     for name, (x, y) in series.items():
         axes.plot(x, y, marker="o", markersize=3, label=name)
     axes.set_xlabel(xlabel)
@@ -151,7 +157,7 @@ def plot_bars(values: dict[str, float], errors: dict[str, float] | None, ylabel:
     so that one outlier does not flatten the others."""
     names = list(values)
     shown = [max(-limit, min(limit, values[n])) if limit else values[n] for n in names]
-    figure, axes = plt.subplots(figsize=(7, 0.9 + 0.35 * len(names)))
+    figure, axes = pyplot().subplots(figsize=(7, 0.9 + 0.35 * len(names)))
     axes.barh(names, shown, xerr=[errors[n] for n in names] if errors else None, capsize=3)
     for row, name in enumerate(names):
         if limit and abs(values[name]) > limit:

@@ -52,7 +52,8 @@ def test_grad_accum_gives_the_gradient_of_the_whole_padded_classifier_batch(grad
     expected = gradients(model)
     model.zero_grad()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # leaves the weights, so the gradients can be compared
-    loss, correct, count = train_step(model, optimizer, ids, labels, TrainingConfig(grad_accum=grad_accum), Parallel(),
+    scaler = torch.amp.GradScaler("cpu", enabled=False)  # fp32: a pass-through
+    loss, correct, count = train_step(model, optimizer, scaler, ids, labels, TrainingConfig(grad_accum=grad_accum), Parallel(),
                                       torch.device("cpu"), count_correct=True)
     assert expected.keys() == gradients(model).keys()
     for name, gradient in gradients(model).items():

@@ -1,9 +1,11 @@
 """Time byte-level BPE training and encoding on the course's training text, and report the compression."""
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules, from any folder
 from dataset import DataError, load_speeches
 from tokenizer import ByteBPETokenizer
 

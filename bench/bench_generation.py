@@ -1,6 +1,6 @@
 """Time greedy generation with and without the KV cache on the course's default-size decoder.
 
-    python bench_generation.py [--new-tokens 200] [--threads 1]
+    python bench/bench_generation.py [--new-tokens 200] [--threads 1]
 
 The weights are random: speed does not depend on them. Learned positions stop at block_size (32),
 so past it the window slides and every step recomputes it, cache or not; rope and alibi run with
@@ -11,10 +11,13 @@ the position being predicted, as nanoGPT does at inference.
 """
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules, from any folder
 from generation import generate
 from transformer import Output, TransformerConfig, TransformerLM
 

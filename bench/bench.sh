@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Benchmark and seed spread for the course parts (issue targets are checked here, not in tests).
-#   bash bench.sh [DATA_DIR]        times each part with the default seed, then seeds 43 and 44,
-#                                   and prints mean +- standard deviation over the three seeds.
+#   bash bench/bench.sh [DATA_DIR]  times each part with the default seed, then seeds 43 and 44,
+#                                 and prints mean +- standard deviation over the three seeds.
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."  # the repository root: main.py and the default data folder
 DATA="${1:-speechesdataset}"
 OUT="${BENCH_OUT:-results/bench}"
 mkdir -p "$OUT"

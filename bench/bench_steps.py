@@ -1,0 +1,93 @@
+"""Time one training step of the course's base models: fp32, bf16 autocast and torch.compile.
+
+    python bench/bench_steps.py [--steps 200] [--threads 1] [--device cpu]
+
+Each case trains the default-size classifier (batch 16 x 32 tokens, padded) or decoder (5,635-word head) with the
+same step as training.fit (autocast forward, fused AdamW). The first step of a compiled model includes compilation;
+"pays after" is the number of steps after which compilation has cost less than the steps it saved.
+Times are CPU seconds of this process (steady on a shared machine) and wall seconds.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules, from any folder
+from training import autocast
+from transformer import TransformerClassifier, TransformerConfig, TransformerLM
+
+VOCABULARY = 5635  # the course's word vocabulary
+
+
+def batch(task: str, generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(2, VOCABULARY, (16, 32), generator=generator)
+    if task == "classifier":
+        lengths = torch.randint(8, 33, (16, 1), generator=generator)
+        ids = ids.masked_fill(torch.arange(32) >= lengths, 0)  # right padding, as encode_segments does
+        return ids.to(device), torch.randint(0, 3, (16,), generator=generator).to(device)
+    return ids.to(device), torch.randint(2, VOCABULARY, (16, 32), generator=generator).to(device)
+
+
+def time_steps(task: str, precision: str, compiled: bool, steps: int, device) -> dict:
+    """Seconds of the first step (compilation included) and the mean of the next `steps` (after 10 warm-up steps)."""
+    torch.manual_seed(0)
+    model_class = TransformerClassifier if task == "classifier" else TransformerLM
+    model = model_class(TransformerConfig(vocab_size=VOCABULARY)).to(device).train()
+    forward = torch.compile(model) if compiled else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
+    generator = torch.Generator().manual_seed(0)
+    batches = [batch(task, generator, device) for _ in range(8)]
+
+    def step(i):
+        inputs, targets = batches[i % len(batches)]
+        with autocast(device, precision):
+            loss = forward(inputs, targets).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss.item()  # waits for the GPU, as fit's bookkeeping does
+
+    clocks = (time.process_time, time.perf_counter)
+    begin = [clock() for clock in clocks]
+    step(0)
+    first = [clock() - b for clock, b in zip(clocks, begin)]
+    for i in range(10):
+        step(i + 1)
+    begin = [clock() for clock in clocks]
+    for i in range(steps):
+        step(i)
+    per_step = [(clock() - b) / steps for clock, b in zip(clocks, begin)]
+    return {"first_cpu": first[0], "first_wall": first[1], "step_cpu": per_step[0], "step_wall": per_step[1]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cases", default="fp32,bf16,compile", help="comma-separated: fp32, bf16, compile, compile-bf16")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cases = {"fp32": ("fp32", False), "bf16": ("bf16", False), "compile": ("fp32", True), "compile-bf16": ("bf16", True)}
+    print(f"{args.steps} steps, {args.threads} thread(s), {device}")
+    print("| model | case | first step s (CPU / wall) | ms per step (CPU / wall) | vs fp32 eager | pays after |")
+    print("|---|---|---|---|---|---|")
+    for task in ("classifier", "lm"):
+        base = None
+        for name in args.cases.split(","):
+            precision, compiled = cases[name]
+            result = time_steps(task, precision, compiled, args.steps, device)
+            base = base or result
+            speedup = base["step_cpu"] / result["step_cpu"]
+            saved = base["step_cpu"] - result["step_cpu"]
+            pays = f"{(result['first_cpu'] - base['first_cpu']) / saved:,.0f} steps" if compiled and saved > 0 else "-"
+            print(f"| {task} | {name} | {result['first_cpu']:.2f} / {result['first_wall']:.2f} | "
+                  f"{1e3 * result['step_cpu']:.2f} / {1e3 * result['step_wall']:.2f} | {speedup:.2f}x | {pays} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
