@@ -8,10 +8,11 @@ from pathlib import Path
 import torch
 
 import experiments
+import gap
 import training
 import utilities
 from baselines import audit, format_audit
-from dataset import DataError, read_labelled_segments, read_text
+from dataset import DataError, load_speeches, read_labelled_segments, read_text
 from generation import STRATEGIES, generate
 from tokenizer import PAD_ID, SPECIALS, UNK_ID, WordTokenizer, tokenizer_from_json
 from training import (
@@ -142,6 +143,10 @@ def part_three(run: Run) -> tuple[dict, list[str]]:
     if run.args.improve:
         result["improve"], improve_failures = part_three_improvement(run)
         failures += improve_failures
+    if run.args.gap:
+        print("\n== gap by word frequency (docs/gap.md)")
+        result["gap"] = gap.study(run, run.args.seed)
+        gap.report(result["gap"], run.out, not run.args.no_plots)
     return result, failures
 
 
@@ -213,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     explore.add_argument("--variants", help=f"comma-separated subset of: {', '.join(experiments.VARIANTS)} (base always runs)")
     explore.add_argument("--improve", action="store_true",
                          help="also compare baselines, the course model and the best preset (training.PRESETS)")
+    explore.add_argument("--gap", action="store_true",
+                         help="also the gap to Kneser-Ney by word frequency, with the novel-word rows (docs/gap.md)")
     explore.add_argument("--seeds", type=int, default=3, help="seeds per variant (from --seed on)")
     explore.add_argument("--workers", type=int, help="worker processes (default: one per core, at most 2)")
     parser.add_argument("--tokenizer", choices=("word", "bpe"), default="word",
@@ -271,10 +278,42 @@ def generate_command(argv) -> int:
     return 0
 
 
+def build_gap_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="main.py gap", description="The gap to Kneser-Ney by word frequency of a saved decoder.")
+    parser.add_argument("--checkpoint", type=Path, required=True, metavar="DIR", help="from --part two --save DIR")
+    parser.add_argument("--data-dir", type=Path, default=Path("speechesdataset"))
+    parser.add_argument("--out", type=Path, default=Path("results"), help="folder for the tables, JSON and plot")
+    parser.add_argument("--no-plots", action="store_true")
+    return parser
+
+
+def gap_command(argv) -> int:
+    """python main.py gap --checkpoint DIR [--data-dir DIR] [--out DIR]: print and write the gap tables."""
+    args = build_gap_parser().parse_args(argv)
+    try:
+        model, tokenizer_json, _ = utilities.build_and_load(args.checkpoint)
+        if not hasattr(model, "lm_head"):
+            raise ValueError(f"{args.checkpoint}: holds a classifier; the gap needs a decoder (--part two --save)")
+        data = load_speeches(args.data_dir)
+        words = WordTokenizer.from_texts(data.vocabulary_texts())
+        if tokenizer_from_json(tokenizer_json).to_json() != words.to_json():
+            raise ValueError(f"{args.checkpoint}: its tokenizer is not the word vocabulary of {args.data_dir}")
+        result = gap.checkpoint_gap(model, words, data, torch.device("cpu"))
+        gap.report(result, args.out, not args.no_plots)
+        path = utilities.write_json(args.out / "gap.json", result)
+    except (DataError, ValueError, OSError) as error:  # CheckpointError included
+        print(f"main.py gap: error: {error}", file=sys.stderr)
+        return 2
+    print(f"\nwrote {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["generate"]:
         return generate_command(argv[1:])
+    if argv[:1] == ["gap"]:
+        return gap_command(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         run = training.make_run(args)

@@ -338,12 +338,14 @@ def encode_stream(run: Run, text: str) -> torch.Tensor:
     return torch.tensor(run.tokenizer.encode(text), dtype=torch.long)
 
 
-def train_language_model(run: Run, config: TransformerConfig, training: TrainingConfig, seed: int, log=print):
-    """Train the decoder on train_LM.txt; return the model and its report (perplexity every eval_interval)."""
+def train_language_model(run: Run, config: TransformerConfig, training: TrainingConfig, seed: int, log=print,
+                         build_model=None):
+    """Train the decoder on train_LM.txt; return the model and its report (perplexity every eval_interval).
+    build_model(config, train_stream), if given, makes another decoder (novel.py's needs the training stream)."""
     torch.manual_seed(seed)
-    model = TransformerLM(config).to(run.device)
     train_text, validation_text = split_lines(run.data.train_lm, training.validation_fraction)
     train_stream = encode_stream(run, train_text)
+    model = (build_model(config, train_stream) if build_model else TransformerLM(config)).to(run.device)
     validation_stream = encode_stream(run, validation_text) if validation_text else None
     test_streams = {name: encode_stream(run, text) for name, text in run.data.test_lm.items()}
     if len(train_stream) <= config.block_size:
@@ -378,7 +380,7 @@ def train_language_model(run: Run, config: TransformerConfig, training: Training
         chosen = best_evaluation(evals)["iteration"]
         log(f"validation chose {chosen} iterations: retraining on the whole of train_LM.txt")
         refit = replace(training, stop_after=chosen, eval_interval=chosen, validation_fraction=0.0, refit=False)
-        model, final = train_language_model(run, config, refit, seed, log)
+        model, final = train_language_model(run, config, refit, seed, log, build_model)
         report.update(final=final["final"], best_iteration=chosen, refit=True,
                       train_seconds=report["train_seconds"] + final["train_seconds"])
     elif validation_stream is not None:  # the restored best model, evaluated once more
