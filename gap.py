@@ -18,6 +18,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+import averaging
 import baselines
 import novel
 import training
@@ -130,37 +131,47 @@ def train_decoder(run, config, settings, seed: int, build_model=None, log=print)
                               "seconds": report["train_seconds"] + final["train_seconds"]}
 
 
-def decoder_rows(run, seed: int, log=print) -> dict:
-    """The best preset's decoder, it with novel-word mass (weight tuned on validation), and with a learned novel class."""
+EMA_DECAY = 0.99  # a horizon of about 100 of the 800 steps; one setting, not tuned
+# name -> model factory for training.train_language_model (None: the plain TransformerLM), on the best preset
+DECODERS = {
+    "best": None,
+    "best_novel_class": novel.novel_class_builder(),
+    "best_ema": averaging.ema_builder(EMA_DECAY),
+    "best_novel_class_ema": averaging.ema_builder(EMA_DECAY, novel.novel_class_builder()),
+}
+
+
+def decoder_rows(run, seed: int, names=tuple(DECODERS), log=print) -> dict:
+    """The best preset's decoders of `names`; each one without a novel class also with novel-word mass (its
+    weight tuned on validation with the selection model and the words that model never saw)."""
     config, settings = training.model_config(run, "lm", preset="best"), training.training_config(run, "lm", preset="best")
     train_text, validation_text = split_lines(run.data.train_lm, settings.validation_fraction)
     part, validation = training.encode_stream(run, train_text), training.encode_stream(run, validation_text)
     everything = training.encode_stream(run, run.data.train_lm)
     tests = {name: training.encode_stream(run, run.data.test_lm[name]) for name in TESTS}
+    never_seen_part = novel.never_seen_mask(novel.word_counts(part, config.vocab_size))
+    never_seen_all = novel.never_seen_mask(novel.word_counts(everything, config.vocab_size))
 
     def nlls(model):
         return {name: target_nlls(model, ids, config.block_size, run.device) for name, ids in tests.items()}
 
     rows = {}
-    log("\n== gap: the best preset's decoder")
-    selection, model, report = train_decoder(run, config, settings, seed, log=log)
-    rows["best"] = {**report, "nll": nlls(model)}
-    # the weight is tuned with the selection model on the validation tail, with the words that model never saw
-    never_seen_part = novel.never_seen_mask(novel.word_counts(part, config.vocab_size))
-    probabilities = (-target_nlls(selection, validation, config.block_size, run.device)).exp().tolist()
-    weight, perplexities = baselines.tune_novel_weight(probabilities, never_seen_part[validation[1:]].tolist(),
-                                                       int(never_seen_part.sum()))
-    mixture = novel.NovelWordMixture(model, novel.never_seen_mask(novel.word_counts(everything, config.vocab_size)), weight)
-    rows["best_novel_mass"] = {**report, "weight": weight, "validation_perplexity": perplexities[weight],
-                               "nll": nlls(mixture)}
-    log("\n== gap: the best preset's decoder with a learned <novel> class")
-    _, model, report = train_decoder(run, config, settings, seed, novel.novel_class_builder(), log)
-    rows["best_novel_class"] = {**report, "nll": nlls(model)}
+    for name in names:
+        log(f"\n== gap: decoder {name}")
+        selection, model, report = train_decoder(run, config, settings, seed, DECODERS[name], log)
+        rows[name] = {**report, "nll": nlls(model)}
+        if "novel_class" in name:
+            continue
+        probabilities = (-target_nlls(selection, validation, config.block_size, run.device)).exp().tolist()
+        weight, perplexities = baselines.tune_novel_weight(probabilities, never_seen_part[validation[1:]].tolist(),
+                                                           int(never_seen_part.sum()))
+        rows[f"{name}_novel_mass"] = {**report, "weight": weight, "validation_perplexity": perplexities[weight],
+                                      "nll": nlls(novel.NovelWordMixture(model, never_seen_all, weight))}
     return rows
 
 
 COMPARISONS = (("best", "kneser_ney"), ("best_novel_mass", "kneser_ney_novel_mass"),
-               ("best_novel_class", "kneser_ney_novel_mass"))
+               ("best_novel_class", "kneser_ney_novel_mass"), ("best_novel_class_ema", "kneser_ney_novel_mass"))
 
 
 def summarise(rows: dict, target_buckets: dict) -> dict:
@@ -180,7 +191,7 @@ def target_buckets_of(words, train_lm: str, tests: dict) -> dict:
     return {name: buckets[torch.as_tensor(ids)[1:]] for name, ids in tests.items()}
 
 
-def study(run, seed: int, log=print) -> dict:
+def study(run, seed: int, names=tuple(DECODERS), log=print) -> dict:
     """Count models and decoders on the same targets; their perplexities and the gap tables."""
     if run.tokenizer is not run.words:
         raise ValueError("the gap study buckets words: it needs --tokenizer word")
@@ -188,7 +199,7 @@ def study(run, seed: int, log=print) -> dict:
     tests = {name: run.words.encode(run.data.test_lm[name]) for name in TESTS}
     settings = training.training_config(run, "lm", preset="best")
     rows = kneser_ney_rows(run.words, run.data.train_lm, settings.validation_fraction, tests)
-    rows.update(decoder_rows(run, seed, log))
+    rows.update(decoder_rows(run, seed, names, log))
     result = summarise(rows, target_buckets_of(run.words, run.data.train_lm, tests))
     result.update(seed=seed, seconds=time.perf_counter() - started)
     return result

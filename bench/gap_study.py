@@ -19,9 +19,10 @@ if __name__ == "__main__":
     parser.add_argument("--data-dir", type=Path, default=Path("speechesdataset"))
     parser.add_argument("--out", type=Path, default=Path("results/gap"))
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--decoders", default=",".join(gap.DECODERS), help="comma-separated rows of gap.DECODERS")
     args = parser.parse_args()
     run = training.make_run(main.build_parser().parse_args(
         ["--part", "three", "--data-dir", str(args.data_dir), "--out", str(args.out), "--seed", str(args.seed)]))
-    result = gap.study(run, args.seed)
+    result = gap.study(run, args.seed, args.decoders.split(","))
     gap.report(result, args.out, plots=True)
     print(f"wrote {utilities.write_json(args.out / 'gap.json', result)} ({result['seconds']:.0f} s)")

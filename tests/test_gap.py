@@ -166,3 +166,33 @@ def test_pad_is_never_counted_as_never_seen():
     counts = novel.word_counts(torch.tensor([2, 2, 3]), 5)
     assert novel.never_seen_mask(counts).tolist() == [False, True, False, False, True]
     assert PAD_ID == 0
+
+
+# ---------------------------------------------------------------- weight averaging
+
+
+def test_weight_average_evaluates_the_moving_average_of_the_weights():
+    import averaging
+    from transformer import TransformerLM
+
+    config = TransformerConfig(vocab_size=8, block_size=8, n_embd=8, n_head=2, n_layer=1, ff_hidden=8)
+    torch.manual_seed(0)
+    model = averaging.WeightAverage(TransformerLM(config), decay=0.9)
+    idx = torch.tensor([[2, 3, 4]])
+    snapshots = []
+    model.train()
+    for _ in range(3):  # each training forward folds in the weights of that moment; change them in between
+        model(idx, idx)
+        snapshots.append({k: v.clone() for k, v in model.model.state_dict().items()})
+        with torch.no_grad():
+            for parameter in model.model.parameters():
+                parameter.add_(torch.randn_like(parameter))
+    first, second, third = snapshots  # the average starts as a copy, then avg <- 0.9 avg + 0.1 weights
+    expected = {k: 0.9 * (0.9 * first[k] + 0.1 * second[k]) + 0.1 * third[k] for k in first}
+    reference = TransformerLM(config)
+    reference.load_state_dict(expected)
+    model.eval()
+    reference.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(idx).logits, reference(idx).logits, atol=1e-5)
+        assert not torch.allclose(model(idx).logits, model.model(idx).logits, atol=1e-3)  # not the live weights
