@@ -136,6 +136,8 @@ EMA_DECAY = 0.99  # a horizon of about 100 of the 800 steps; one setting, not tu
 DECODERS = {
     "best": None,
     "best_novel_class": novel.novel_class_builder(),
+    # half of each singleton target stays the word: the singletons keep some probability of their own
+    "best_novel_class_half": novel.novel_class_builder(0.5),
     "best_ema": averaging.ema_builder(EMA_DECAY),
     "best_novel_class_ema": averaging.ema_builder(EMA_DECAY, novel.novel_class_builder()),
 }
@@ -171,7 +173,8 @@ def decoder_rows(run, seed: int, names=tuple(DECODERS), log=print) -> dict:
 
 
 COMPARISONS = (("best", "kneser_ney"), ("best_novel_mass", "kneser_ney_novel_mass"),
-               ("best_novel_class", "kneser_ney_novel_mass"), ("best_novel_class_ema", "kneser_ney_novel_mass"))
+               ("best_novel_class", "kneser_ney_novel_mass"), ("best_novel_class_half", "kneser_ney_novel_mass"),
+               ("best_novel_class_ema", "kneser_ney_novel_mass"))
 
 
 def summarise(rows: dict, target_buckets: dict) -> dict:
