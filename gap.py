@@ -86,8 +86,12 @@ def plot_gap(comparisons: dict, path):
     """Grouped bars: each bucket's contribution to the gap, per test file, one panel per comparison."""
     import matplotlib.pyplot as plt
 
-    figure, panels = plt.subplots(1, len(comparisons), figsize=(5.5 * len(comparisons), 3.8), squeeze=False, sharey=True)
-    for axes, (title, per_test) in zip(panels[0], comparisons.items()):
+    columns = min(3, len(comparisons))
+    rows = math.ceil(len(comparisons) / columns)
+    figure, panels = plt.subplots(rows, columns, figsize=(5.5 * columns, 3.8 * rows), squeeze=False, sharey=True)
+    for axes in panels.flat[len(comparisons):]:
+        axes.set_visible(False)
+    for axes, (title, per_test) in zip(panels.flat, comparisons.items()):
         width = 0.8 / len(per_test)
         for offset, (test, rows) in enumerate(per_test.items()):
             axes.bar([i + offset * width for i in range(len(BUCKETS))], [r["contribution"] for r in rows[:-1]], width,
@@ -97,7 +101,10 @@ def plot_gap(comparisons: dict, path):
         axes.set_title(title, fontsize=9)
         axes.grid(axis="y", alpha=0.3)
         axes.legend(fontsize=8)
-    panels[0][0].set_ylabel("share × NLL difference (nats; > 0: the decoder loses)")
+    for axes in panels[:, 0]:
+        axes.set_ylabel("share × NLL difference (nats)")
+    figure.suptitle("Contribution of each bucket to the decoder's NLL minus the count model's (> 0: the decoder loses)",
+                    fontsize=10)
     figure.tight_layout()
     return utilities.save_figure(figure, path)
 
