@@ -150,7 +150,7 @@ DECODERS = {
 }
 
 
-def decoder_rows(run, seed: int, names=tuple(DECODERS), log=print) -> dict:
+def decoder_rows(run, seed: int, names=None, log=print) -> dict:
     """The best preset's decoders of `names`; each one without a novel class also with novel-word mass (its
     weight tuned on validation with the selection model and the words that model never saw)."""
     config, settings = training.model_config(run, "lm", preset="best"), training.training_config(run, "lm", preset="best")
@@ -165,7 +165,7 @@ def decoder_rows(run, seed: int, names=tuple(DECODERS), log=print) -> dict:
         return {name: target_nlls(model, ids, config.block_size, run.device) for name, ids in tests.items()}
 
     rows = {}
-    for name in names:
+    for name in names or DECODERS:
         log(f"\n== gap: decoder {name}")
         selection, model, report = train_decoder(run, config, settings, seed, DECODERS[name], log)
         rows[name] = {**report, "nll": nlls(model)}
@@ -201,8 +201,9 @@ def target_buckets_of(words, train_lm: str, tests: dict) -> dict:
     return {name: buckets[torch.as_tensor(ids)[1:]] for name, ids in tests.items()}
 
 
-def study(run, seed: int, names=tuple(DECODERS), log=print) -> dict:
-    """Count models and decoders on the same targets; their perplexities and the gap tables."""
+def study(run, seed: int, names=None, log=print) -> dict:
+    """Count models and the decoders of `names` (default: all of DECODERS) on the same targets; their perplexities
+    and the gap tables."""
     if run.tokenizer is not run.words:
         raise ValueError("the gap study buckets words: it needs --tokenizer word")
     started = time.perf_counter()

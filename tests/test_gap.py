@@ -196,3 +196,16 @@ def test_weight_average_evaluates_the_moving_average_of_the_weights():
     with torch.no_grad():
         assert torch.allclose(model(idx).logits, reference(idx).logits, atol=1e-5)
         assert not torch.allclose(model(idx).logits, model.model(idx).logits, atol=1e-3)  # not the live weights
+
+
+def test_part_three_gap_trains_the_rows_and_writes_the_tables(small_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(gap, "DECODERS", {"best": None})  # one decoder row (two trainings) keeps the test short
+    status = main.main(["--part", "three", "--gap", "--data-dir", str(small_data), "--out", str(tmp_path), "--epochs", "1",
+                        "--max-iters", "10", "--eval-interval", "5", "--no-plots"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    result = json.loads((tmp_path / "part_three.json").read_text())["gap"]
+    assert set(result["models"]) == {"kneser_ney", "kneser_ney_novel_mass", "best", "best_novel_mass"}
+    assert result["models"]["best"]["best_iteration"] in (5, 10)
+    assert 0 <= result["models"]["best_novel_mass"]["weight"] <= 0.3
+    assert (tmp_path / "gap_best_vs_kneser_ney.md").read_text().count("\n") == 3 * (2 + 6) + 3 * 2 + 2  # 3 tables
