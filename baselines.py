@@ -13,6 +13,10 @@ ordinary target for both; it never occurs in train_LM.txt (all of it is in the v
 reaches it through the uniform floor only. Scoring just the targets with a full two-word context (from the third
 token) gives 243.9 / 380.6 / 267.0, which round to the issue author's 244 / 381 / 267; ours are 244.1 / 380.3 / 267.0.
 
+A second row, Kneser–Ney with novel-word mass (`NovelMassKneserNey`), moves a fraction λ of every distribution
+evenly onto the vocabulary words never seen in train_LM.txt, λ tuned on the decoder's validation split: the same
+move the decoder gets (novel.py), so the comparison stays like with like.
+
 Why our own implementations rather than NLTK's (both were tried on this data):
 - `nltk.NaiveBayesClassifier` is fast (about 1 s) and scores 91.2%, but it is a different model: each feature is
   a categorical variable P(feature = value | class) scored only where present in the document (absent features
