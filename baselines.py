@@ -13,6 +13,10 @@ ordinary target for both; it never occurs in train_LM.txt (all of it is in the v
 reaches it through the uniform floor only. Scoring just the targets with a full two-word context (from the third
 token) gives 243.9 / 380.6 / 267.0, which round to the issue author's 244 / 381 / 267; ours are 244.1 / 380.3 / 267.0.
 
+A second row, Kneser–Ney with novel-word mass (`NovelMassKneserNey`), moves a fraction λ of every distribution
+evenly onto the vocabulary words never seen in train_LM.txt, λ tuned on the decoder's validation split: the same
+move the decoder gets (novel.py), so the comparison stays like with like.
+
 Why our own implementations rather than NLTK's (both were tried on this data):
 - `nltk.NaiveBayesClassifier` is fast (about 1 s) and scores 91.2%, but it is a different model: each feature is
   a categorical variable P(feature = value | class) scored only where present in the document (absent features
@@ -39,9 +43,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dataset import DataError, Speeches, load_speeches, overlap_flags, read_text, stratified_split
-from tokenizer import UNK_ID, WordTokenizer
+from dataset import DataError, Speeches, load_speeches, overlap_flags, read_text, split_lines, stratified_split
+from tokenizer import PAD_ID, UNK_ID, WordTokenizer
 
+VALIDATION_FRACTION = 0.1  # the decoder's held-out tail (training.PRESETS["best"]), so both tune on the same text
 ALPHAS = (0.01, 0.03, 0.1, 0.3, 1.0)
 L2_STRENGTHS = (1e-6, 1e-5, 1e-4, 1e-3)  # l2 = 1 / (C · N) in scikit-learn terms
 
@@ -273,18 +278,82 @@ class KneserNeyTrigram:
                                            probability)
         return probability
 
-    def perplexity(self, stream: Sequence[int], first_target: int = 1) -> float:
-        """exp(mean -log P) over the tokens from `first_target` on; the default 1 scores main.perplexity's targets."""
+    def target_probabilities(self, stream: Sequence[int], first_target: int = 1) -> list[float]:
+        """P(token t | the two before it) for every t from `first_target` on; 1 gives training.perplexity's targets."""
         ids = [int(i) for i in stream]
         if len(ids) <= first_target:
             raise ValueError(f"perplexity needs more than {first_target} tokens")
         # the context is cut at the file start: token 1 is scored given token 0 alone (levels P2 and P1)
-        log_likelihood = sum(math.log(self.probability(ids[t], ids[max(0, t - 2):t])) for t in range(first_target, len(ids)))
-        return math.exp(-log_likelihood / (len(ids) - first_target))
+        return [self.probability(ids[t], ids[max(0, t - 2):t]) for t in range(first_target, len(ids))]
+
+    def perplexity(self, stream: Sequence[int], first_target: int = 1) -> float:
+        """exp(mean -log P) over the tokens from `first_target` on; the default 1 scores main.perplexity's targets."""
+        probabilities = self.target_probabilities(stream, first_target)
+        return math.exp(-sum(map(math.log, probabilities)) / len(probabilities))
+
+
+# ---------------------------------------------------------------- novel-word mass: the same move for any model
+
+
+NOVEL_WEIGHTS = tuple(i / 200 for i in range(61))  # 0 to 0.3 in steps of 0.005
+
+
+def never_seen_ids(train_ids: Sequence[int], vocab_size: int) -> set[int]:
+    """Vocabulary ids that never occur in the training stream (`<unk>` included), `<pad>` excepted: never a target."""
+    return set(range(vocab_size)) - set(int(i) for i in train_ids) - {PAD_ID}
+
+
+def with_novel_mass(probabilities: Sequence[float], is_never_seen: Sequence[bool], weight: float,
+                    num_never_seen: int) -> list[float]:
+    """(1 - weight) P(w) + weight / |never seen| where w is never seen: the target probabilities after moving
+    `weight` of every distribution evenly onto the never-seen words (each distribution still sums to 1)."""
+    return [(1 - weight) * p + (weight / num_never_seen if novel else 0.0) for p, novel in zip(probabilities, is_never_seen)]
+
+
+def mean_nll(probabilities: Sequence[float]) -> float:
+    """Mean -log P: the log of the perplexity."""
+    return -sum(map(math.log, probabilities)) / len(probabilities)
+
+
+def tune_novel_weight(probabilities: Sequence[float], is_never_seen: Sequence[bool], num_never_seen: int,
+                      grid: Sequence[float] = NOVEL_WEIGHTS) -> tuple[float, dict[float, float]]:
+    """The weight of `grid` with the lowest mean NLL on these (validation) targets, and every weight's perplexity."""
+    perplexities = {w: math.exp(mean_nll(with_novel_mass(probabilities, is_never_seen, w, num_never_seen))) for w in grid}
+    return min(grid, key=perplexities.get), perplexities
+
+
+class NovelMassKneserNey:
+    """A Kneser–Ney model with a fraction `weight` of every distribution moved evenly onto the never-seen ids."""
+
+    def __init__(self, model: KneserNeyTrigram, never_seen: set[int], weight: float):
+        self.model, self.never_seen, self.weight = model, never_seen, weight
+
+    def probability(self, word: int, context: Sequence[int] = ()) -> float:
+        """(1 - weight) P_KN(word | context), plus weight / |never seen| if the word is never seen."""
+        return with_novel_mass([self.model.probability(word, context)], [word in self.never_seen], self.weight,
+                               len(self.never_seen))[0]
+
+    target_probabilities = KneserNeyTrigram.target_probabilities
+    perplexity = KneserNeyTrigram.perplexity
+
+
+def novel_mass_kneser_ney(train_ids: Sequence[int], validation_ids: Sequence[int], all_train_ids: Sequence[int],
+                          vocab_size: int) -> tuple[NovelMassKneserNey, dict]:
+    """Tune the novel-word weight on validation (a trigram fitted on the rest, never-seen words of the rest),
+    then apply it to the trigram fitted on all the training text, with its own never-seen words."""
+    selection = KneserNeyTrigram(train_ids, vocab_size)
+    never_seen = never_seen_ids(train_ids, vocab_size)
+    probabilities = selection.target_probabilities(validation_ids)
+    weight, perplexities = tune_novel_weight(probabilities, [int(i) in never_seen for i in validation_ids[1:]],
+                                             len(never_seen))
+    model = NovelMassKneserNey(KneserNeyTrigram(all_train_ids, vocab_size), never_seen_ids(all_train_ids, vocab_size), weight)
+    return model, {"weight": weight, "validation_perplexity": perplexities[weight],
+                   "validation_perplexity_without": perplexities[0.0], "num_never_seen": len(model.never_seen)}
 
 
 def lm_baseline(speeches: Speeches, tokenizer: WordTokenizer, extra: dict[str, str] | None = None) -> dict:
-    """Kneser–Ney trigram (D = 0.75) fitted on train_LM.txt; perplexity on each test_LM file and each `extra` text."""
+    """Kneser–Ney trigram (D = 0.75) fitted on train_LM.txt, as the course defines it and with novel-word mass;
+    perplexity on each test_LM file and each `extra` text."""
     started = time.perf_counter()
     train = tokenizer.encode(speeches.train_lm)
     model = KneserNeyTrigram(train, tokenizer.vocab_size)
@@ -296,7 +365,18 @@ def lm_baseline(speeches: Speeches, tokenizer: WordTokenizer, extra: dict[str, s
                            "perplexity_from_third_token": {name: model.perplexity(ids, 2) for name, ids in streams.items()},
                            "num_targets": {name: len(ids) - 1 for name, ids in streams.items()},
                            "num_unk_targets": {name: ids[1:].count(UNK_ID) for name, ids in streams.items()},
-                           "seconds": time.perf_counter() - started}}
+                           "seconds": time.perf_counter() - started},
+            "kneser_ney_novel_mass": novel_mass_row(speeches, tokenizer, streams)}
+
+
+def novel_mass_row(speeches: Speeches, tokenizer: WordTokenizer, streams: dict[str, list[int]]) -> dict:
+    """Kneser–Ney with the novel-word weight tuned on the decoder's validation split (the last 10% of the lines)."""
+    started = time.perf_counter()
+    train_text, validation_text = split_lines(speeches.train_lm, VALIDATION_FRACTION)
+    model, tuning = novel_mass_kneser_ney(tokenizer.encode(train_text), tokenizer.encode(validation_text),
+                                          tokenizer.encode(speeches.train_lm), tokenizer.vocab_size)
+    return {**tuning, "perplexity": {name: model.perplexity(ids) for name, ids in streams.items()},
+            "seconds": time.perf_counter() - started}
 
 
 # ---------------------------------------------------------------- overlap audit

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+import gap
 import training
 import utilities
 from transformer import AttentionMask, TransformerConfig
@@ -75,6 +76,7 @@ class Job:
     preset: str = "base"
     heatmap: bool = False
     extrapolate: bool = False
+    gap: bool = False
 
 
 def _train_one(job: Job) -> tuple[Job, dict]:
@@ -99,6 +101,9 @@ def _train_one(job: Job) -> tuple[Job, dict]:
     report.update(train_perplexity=final["train_perplexity"], perplexity=final["perplexity"], model=final["model"])
     report["attention_failures"] = utilities.attention_check(
         model, run.tokenizer, run.data.test_lm["obama"], True, run.device, run.heatmap_dir if job.heatmap else None, prefix)
+    if job.gap:  # per-target NLLs, for the gap to Kneser-Ney by word frequency (gap.py)
+        report["target_nlls"] = {name: gap.target_nlls(model, training.encode_stream(run, text), config.block_size,
+                                                       run.device).tolist() for name, text in run.data.test_lm.items()}
     if job.extrapolate:
         report["extrapolation"] = {
             length: {name: training.perplexity(model, training.encode_stream(run, text), length, run.device)
@@ -301,15 +306,28 @@ def improve(args, run, seeds: int, workers: int, log=print) -> tuple[dict, list[
     classifier = baselines.classifier_baselines(run.data, run.words, seed=0)
     results = {"classifier": {name: classifier[name] for name in ("naive_bayes", "tfidf_logreg")},
                "lm": baselines.lm_baseline(run.data, run.words)}
-    jobs = [Job(task, preset, args.seed + offset, preset=preset) for task in ("classifier", "lm")
-            for preset in ("base", "best") for offset in range(seeds)]
+    word_level = run.tokenizer is run.words  # the gap buckets words
+    jobs = [Job(task, preset, args.seed + offset, preset=preset, gap=word_level and task == "lm" and preset == "best")
+            for task in ("classifier", "lm") for preset in ("base", "best") for offset in range(seeds)]
     log(f"improvement: {len(jobs)} training runs (base and best x {seeds} seeds x 2 tasks) on {workers} workers")
     runs, failures = run_jobs(args, jobs, workers, log)
     for (task, preset), reports in runs.items():
+        if task == "lm" and reports[0].get("target_nlls"):
+            results["gap"] = improve_gap(run, [r.pop("target_nlls") for r in reports])
         results[task][preset] = summarise_improve(run, task, reports)
     results["seconds"] = time.perf_counter() - started
     results["seeds"] = seeds
     return results, failures
+
+
+def improve_gap(run, target_nlls: list[dict]) -> dict:
+    """The best decoder's gap to both Kneser-Ney rows by word frequency, its NLLs averaged over the seeds."""
+    tests = {name: run.words.encode(run.data.test_lm[name]) for name in gap.TESTS}
+    rows = gap.kneser_ney_rows(run.words, run.data.train_lm, training.PRESETS["best"].lm[1]["validation_fraction"], tests)
+    decoder = {name: torch.tensor([seed[name] for seed in target_nlls], dtype=torch.float64).mean(0) for name in gap.TESTS}
+    buckets = gap.target_buckets_of(run.words, run.data.train_lm, tests)
+    return {f"best vs {count}": {name: gap.gap_rows(buckets[name], decoder[name], rows[count]["nll"][name])
+                                 for name in gap.TESTS} for count in ("kneser_ney", "kneser_ney_novel_mass")}
 
 
 def _value(entry: dict, key: str) -> str:
@@ -329,7 +347,12 @@ def improve_tables(results: dict) -> dict[str, str]:
     rows = [[name, *(_value(entry["perplexity"], test) for test in ("obama", "wbush", "hbush"))]
             for name, entry in results["lm"].items()]
     lm = utilities.markdown_table(["language model", "obama", "wbush", "hbush"], rows)
-    return {"classifier": classifier, "lm": lm}
+    tables = {"classifier": classifier, "lm": lm}
+    for comparison, per_test in results.get("gap", {}).items():
+        decoder, count = comparison.split(" vs ")
+        for test, gap_rows in per_test.items():
+            tables[f"gap_{test}_vs_{count}"] = gap.gap_table(gap_rows, f"{decoder} (mean of {results['seeds']} seeds)", count)
+    return tables
 
 
 def plot_improve(results: dict, out: Path):

@@ -12,6 +12,7 @@ import torch
 
 import corpus
 import experiments
+import gap
 import heads
 import hf_bridge
 import parallel as data_parallel
@@ -21,7 +22,7 @@ import training
 import utilities
 from baselines import audit, format_audit
 from checkpointing import TrainingInterrupted
-from dataset import DataError, read_labelled_segments, read_text
+from dataset import DataError, load_speeches, read_labelled_segments, read_text
 from generation import STRATEGIES, generate
 from tokenizer import PAD_ID, UNK_ID, WordTokenizer, tokenizer_from_json
 from training import (
@@ -186,6 +187,10 @@ def part_three(run: Run) -> tuple[dict, list[str]]:
         failures += improve_failures
     if run.args.scaling:
         result["scaling"] = part_three_scaling(run)
+    if run.args.gap:
+        print("\n== gap by word frequency (docs/gap.md)")
+        result["gap"] = gap.study(run, run.args.seed)
+        gap.report(result["gap"], run.out, not run.args.no_plots)
     return result, failures
 
 
@@ -328,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also measure what each head attends to, learned positions vs ALiBi (heads.py)")
     explore.add_argument("--t5", action="store_true",
                          help="also train a T5-style encoder-decoder on span corruption (encoder_decoder.py, seq2seq.py)")
+    explore.add_argument("--gap", action="store_true",
+                         help="also the gap to Kneser-Ney by word frequency, with the novel-word rows (docs/gap.md)")
     explore.add_argument("--seeds", type=int, default=3, help="seeds per variant (from --seed on)")
     explore.add_argument("--workers", type=int,
                          help="worker processes (default: one per core, at most 2; 1: train in this process)")
@@ -422,7 +429,37 @@ def convert_command(argv) -> int:
     return 0
 
 
-COMMANDS = {"generate": generate_command, "convert": convert_command}
+def build_gap_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="main.py gap", description="The gap to Kneser-Ney by word frequency of a saved decoder.")
+    parser.add_argument("--checkpoint", type=Path, required=True, metavar="DIR", help="from --part two --save DIR")
+    parser.add_argument("--data-dir", type=Path, help="the data the decoder was trained on (default: as main.py --part two)")
+    parser.add_argument("--out", type=Path, default=Path("results"), help="folder for the tables, JSON and plot")
+    parser.add_argument("--no-plots", action="store_true")
+    return parser
+
+
+def gap_command(argv) -> int:
+    """python main.py gap --checkpoint DIR [--data-dir DIR] [--out DIR]: print and write the gap tables."""
+    args = build_gap_parser().parse_args(argv)
+    try:
+        model, tokenizer_json, _ = utilities.build_and_load(args.checkpoint)
+        if not hasattr(model, "lm_head"):
+            raise ValueError(f"{args.checkpoint}: holds a classifier; the gap needs a decoder (--part two --save)")
+        data = load_speeches(corpus.locate(args.data_dir))
+        words = WordTokenizer.from_texts(data.vocabulary_texts(), data.vocabulary_cap)
+        if tokenizer_from_json(tokenizer_json).to_json() != words.to_json():
+            raise ValueError(f"{args.checkpoint}: its tokenizer is not the word vocabulary of {args.data_dir}")
+        result = gap.checkpoint_gap(model, words, data, torch.device("cpu"))
+        gap.report(result, args.out, not args.no_plots)
+        path = utilities.write_json(args.out / "gap.json", result)
+    except (DataError, ValueError, OSError) as error:  # CheckpointError included
+        print(f"main.py gap: error: {error}", file=sys.stderr)
+        return 2
+    print(f"\nwrote {path}")
+    return 0
+
+
+COMMANDS = {"generate": generate_command, "convert": convert_command, "gap": gap_command}
 
 
 def main(argv=None) -> int:

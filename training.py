@@ -500,14 +500,15 @@ def encode_stream(run: Run, text: str) -> torch.Tensor:
 
 
 def train_language_model(run: Run, config: TransformerConfig, training: TrainingConfig, seed: int, log=print,
-                         harness: Harness | None = None):
-    """Train the decoder on train_LM.txt; return the model and its report (perplexity every eval_interval)."""
+                         harness: Harness | None = None, build_model=None):
+    """Train the decoder on train_LM.txt; return the model and its report (perplexity every eval_interval).
+    build_model(config, train_stream), if given, makes another decoder (novel.py's needs the training stream)."""
     torch.manual_seed(seed)
-    model = TransformerLM(config).to(run.device)
     train_text, validation_text = split_lines(run.data.train_lm, training.validation_fraction)
     train_stream = encode_stream(run, train_text)
     if validation_text:
         check_scorable(run, validation_text, f"the validation split of {TRAIN_LM}")
+    model = (build_model(config, train_stream) if build_model else TransformerLM(config)).to(run.device)
     validation_stream = encode_stream(run, validation_text) if validation_text else None
     test_streams = {name: encode_stream(run, check_scorable(run, text, TEST_LM[name]))
                     for name, text in run.data.test_lm.items()}
@@ -542,7 +543,8 @@ def train_language_model(run: Run, config: TransformerConfig, training: Training
         log(f"validation chose {chosen} iterations: retraining on the whole of train_LM.txt")
         # the refit keeps the evaluation interval: its own curve, and no effect on its weights (evaluation draws nothing)
         refit = replace(training, stop_after=chosen, validation_fraction=0.0, refit=False)
-        model, final = train_language_model(run, config, refit, seed, log, harness.without_checkpoints(f"{harness.name}_refit"))
+        model, final = train_language_model(run, config, refit, seed, log, harness.without_checkpoints(f"{harness.name}_refit"),
+                                            build_model)
         final["final"]["model"] = f"retrained on all of train_LM.txt for the {chosen} iterations validation chose"
         final.update(selection_evals=evals, best_iteration=chosen, refit=True,
                      train_seconds=report["train_seconds"] + final["train_seconds"])

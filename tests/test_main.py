@@ -251,7 +251,10 @@ def test_improve_puts_baselines_base_and_best_side_by_side(small_data, tmp_path,
     assert "test_CLS: 120 segments;" in out  # the audit
     improve = json.loads((tmp_path / "part_three.json").read_text())["improve"]
     assert set(improve["classifier"]) == {"naive_bayes", "tfidf_logreg", "base", "best"}
-    assert set(improve["lm"]) == {"kneser_ney", "base", "best"}
+    assert set(improve["lm"]) == {"kneser_ney", "kneser_ney_novel_mass", "base", "best"}
+    rows = improve["gap"]["best vs kneser_ney"]["obama"]  # the best decoder's gap by word frequency, in nats
+    assert sum(r["contribution"] for r in rows[:-1]) == pytest.approx(rows[-1]["contribution"])
+    assert (tmp_path / "improve_gap_obama_vs_kneser_ney.md").is_file()
     best = improve["classifier"]["best"]
     assert len(best["test_accuracy"]["values"]) == 2
     for accuracy in (best["ensemble"]["test_accuracy"], *best["test_accuracy"]["values"]):  # a count of the 120 segments

@@ -1,0 +1,44 @@
+"""Weight averaging for the decoder (issue 13): an exponential moving average of the weights along one run.
+
+`WeightAverage` wraps a decoder: in training mode it is the decoder, and before each training step it folds the
+current weights (those after the previous optimizer step) into the average; in evaluation mode it runs the
+averaged copy. So training.train_language_model evaluates, selects and refits on the averaged weights without a
+change to its loop (pass `ema_builder(decay)` as its build_model).
+"""
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from transformer import Output, TransformerConfig, TransformerLM
+
+
+class WeightAverage(nn.Module):
+    """A decoder trained as usual whose evaluations use an exponential moving average of its weights."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__()
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"the average's decay must be in (0, 1), got {decay}")
+        self.model = model
+        self.average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+
+    @property
+    def config(self) -> TransformerConfig:
+        return self.model.config
+
+    def forward(self, idx, targets=None, caches=None, return_attention=False) -> Output:
+        """Training: the live decoder (after averaging in its weights); evaluation: the averaged copy."""
+        if self.training:
+            with torch.no_grad():
+                self.average.update_parameters(self.model)
+            return self.model(idx, targets, caches, return_attention)
+        return self.average.module(idx, targets, caches, return_attention)
+
+
+def ema_builder(decay: float, inner=None):
+    """A model factory for training.train_language_model: the decoder `inner` builds (a TransformerLM by default),
+    evaluated through the moving average of its weights."""
+    def build(config, train_stream):
+        return WeightAverage(inner(config, train_stream) if inner else TransformerLM(config), decay)
+    return build

@@ -1,0 +1,28 @@
+"""The gap study on the course data without the rest of part three (the same code as `main.py --part three --gap`).
+
+    OMP_NUM_THREADS=1 python bench/gap_study.py --data-dir DIR --out results/gap [--seed 42]
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import gap
+import main
+import training
+import utilities
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=Path("speechesdataset"))
+    parser.add_argument("--out", type=Path, default=Path("results/gap"))
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--decoders", default=",".join(gap.DECODERS), help="comma-separated rows of gap.DECODERS")
+    args = parser.parse_args()
+    run = training.make_run(main.build_parser().parse_args(
+        ["--part", "three", "--data-dir", str(args.data_dir), "--out", str(args.out), "--seed", str(args.seed)]))
+    result = gap.study(run, args.seed, args.decoders.split(","))
+    gap.report(result, args.out, plots=True)
+    print(f"wrote {utilities.write_json(args.out / 'gap.json', result)} ({result['seconds']:.0f} s)")

@@ -1,0 +1,252 @@
+"""Where the decoder loses to the Kneser–Ney trigram (issue 13): the per-token NLL gap by how often the target word
+occurs in train_LM.txt, and the rows that close part of it (novel-word mass, a learned novel-word class).
+
+Both models score exactly the same targets: every token of a test file after the first (training.perplexity's
+targets; KneserNeyTrigram.target_probabilities with first_target=1). Each target falls in one bucket:
+`<unk>`, in the vocabulary but never in train_LM.txt, 1-2, 3-9 or 10+ occurrences. A bucket's contribution to the
+gap is its share of the targets times the difference of the mean NLLs in it; the contributions add up to the
+difference of the overall mean NLLs, the log of the perplexity ratio.
+
+    python main.py --part three --gap ...            the study: trains the best preset's decoders, seed --seed
+    python main.py gap --checkpoint DIR [--data-dir DIR] [--out DIR]    the gap table of a saved decoder
+"""
+
+import math
+import time
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+import averaging
+import baselines
+import novel
+import training
+import utilities
+from baselines import KneserNeyTrigram
+from dataset import consecutive_windows, split_lines
+from tokenizer import UNK_ID
+
+BUCKETS = ("<unk>", "never in train_LM.txt", "1-2", "3-9", "10+")
+LOWER_BOUNDS = (1, 3, 10)  # counts at which the "1-2", "3-9" and "10+" buckets start
+TESTS = ("obama", "wbush", "hbush")
+
+
+def bucket_of_ids(counts: torch.Tensor) -> torch.Tensor:
+    """(V,) bucket index of each vocabulary id, from its count in the training text (BUCKETS' order)."""
+    buckets = 1 + torch.bucketize(counts, torch.tensor(LOWER_BOUNDS), right=True)  # 0 -> 1, 1-2 -> 2, ...
+    buckets[UNK_ID] = 0
+    return buckets
+
+
+@torch.no_grad()
+def target_nlls(model, stream: torch.Tensor, block_size: int, device) -> torch.Tensor:
+    """-log P of every token after the first, in training.perplexity's consecutive windows: (len(stream) - 1,)."""
+    model.eval()
+    pieces = []
+    for inputs, targets in consecutive_windows(stream, block_size):
+        for x, y in zip(inputs.split(128), targets.split(128)):
+            logits = model(x.to(device)).logits
+            pieces.append(F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="none").cpu())
+    return torch.cat(pieces).double()
+
+
+def count_model_nlls(model, stream) -> torch.Tensor:
+    """-log P of every token after the first under a count model (KneserNeyTrigram or NovelMassKneserNey)."""
+    return -torch.tensor(model.target_probabilities(stream), dtype=torch.float64).log()
+
+
+def gap_rows(target_buckets: torch.Tensor, decoder_nll: torch.Tensor, count_nll: torch.Tensor) -> list[dict]:
+    """Per bucket: share of the targets, mean NLL of each model, share x (decoder - count model); then the total."""
+    if not len(target_buckets) == len(decoder_nll) == len(count_nll):
+        raise ValueError(f"the models scored different targets: {len(decoder_nll)} and {len(count_nll)} of "
+                         f"{len(target_buckets)}")
+    rows = []
+    for index, name in enumerate(BUCKETS):
+        where = target_buckets == index
+        share = where.double().mean().item()
+        decoder, count = (decoder_nll[where].mean().item(), count_nll[where].mean().item()) if where.any() else (math.nan,) * 2
+        rows.append({"bucket": name, "targets": int(where.sum()), "share": share, "decoder_nll": decoder,
+                     "count_model_nll": count, "contribution": share * (decoder - count) if where.any() else 0.0})
+    rows.append({"bucket": "all", "targets": len(target_buckets), "share": 1.0, "decoder_nll": decoder_nll.mean().item(),
+                 "count_model_nll": count_nll.mean().item(),
+                 "contribution": (decoder_nll.mean() - count_nll.mean()).item()})
+    return rows
+
+
+def gap_table(rows: list[dict], decoder: str, count_model: str) -> str:
+    """One comparison's rows as Markdown."""
+    return utilities.markdown_table(
+        ["targets", "count", "share", f"{decoder} NLL", f"{count_model} NLL", "share × difference"],
+        [[r["bucket"], r["targets"], f"{100 * r['share']:.1f}%", f"{r['decoder_nll']:.2f}", f"{r['count_model_nll']:.2f}",
+          f"{r['contribution']:+.3f}"] for r in rows])
+
+
+def plot_gap(comparisons: dict, path):
+    """Grouped bars: each bucket's contribution to the gap, per test file, one panel per comparison."""
+    import matplotlib.pyplot as plt
+
+    columns = min(3, len(comparisons))
+    rows = math.ceil(len(comparisons) / columns)
+    figure, panels = plt.subplots(rows, columns, figsize=(5.5 * columns, 3.8 * rows), squeeze=False, sharey=True)
+    for axes in panels.flat[len(comparisons):]:
+        axes.set_visible(False)
+    for axes, (title, per_test) in zip(panels.flat, comparisons.items()):
+        width = 0.8 / len(per_test)
+        for offset, (test, rows) in enumerate(per_test.items()):
+            axes.bar([i + offset * width for i in range(len(BUCKETS))], [r["contribution"] for r in rows[:-1]], width,
+                     label=f"{test} (total {rows[-1]['contribution']:+.3f})")
+        axes.set_xticks([i + 0.4 - width / 2 for i in range(len(BUCKETS))], BUCKETS, rotation=20, fontsize=8)
+        axes.axhline(0, color="black", linewidth=0.8)
+        axes.set_title(title, fontsize=9)
+        axes.grid(axis="y", alpha=0.3)
+        axes.legend(fontsize=8)
+    for axes in panels[:, 0]:
+        axes.set_ylabel("share × NLL difference (nats)")
+    figure.suptitle("Contribution of each bucket to the decoder's NLL minus the count model's (> 0: the decoder loses)",
+                    fontsize=10)
+    figure.tight_layout()
+    return utilities.save_figure(figure, path)
+
+
+# ---------------------------------------------------------------- the study
+
+
+def kneser_ney_rows(words, train_lm: str, validation_fraction: float, tests: dict) -> dict:
+    """The course's Kneser–Ney and Kneser–Ney with novel-word mass: validation and test NLLs, the tuned weight."""
+    started = time.perf_counter()
+    train_text, validation_text = split_lines(train_lm, validation_fraction)
+    part, validation, everything = (words.encode(text) for text in (train_text, validation_text, train_lm))
+    course = KneserNeyTrigram(everything, words.vocab_size)
+    with_mass, tuning = baselines.novel_mass_kneser_ney(part, validation, everything, words.vocab_size)
+    rows = {"kneser_ney": {"validation_perplexity": KneserNeyTrigram(part, words.vocab_size).perplexity(validation),
+                           "nll": {name: count_model_nlls(course, ids) for name, ids in tests.items()}},
+            "kneser_ney_novel_mass": {"validation_perplexity": tuning["validation_perplexity"], "weight": tuning["weight"],
+                                      "nll": {name: count_model_nlls(with_mass, ids) for name, ids in tests.items()}}}
+    for row in rows.values():
+        row["seconds"] = time.perf_counter() - started
+    return rows
+
+
+def train_decoder(run, config, settings, seed: int, build_model=None, log=print):
+    """The selection run (validation picks the iteration) and the refit on all of train_LM.txt up to it."""
+    selection, report = training.train_language_model(run, config, replace(settings, refit=False), seed, log,
+                                                      build_model=build_model)
+    chosen = report["best_iteration"]
+    refit = replace(settings, stop_after=chosen, eval_interval=chosen, validation_fraction=0.0, refit=False)
+    model, final = training.train_language_model(run, config, refit, seed, log, build_model=build_model)
+    return selection, model, {"best_iteration": chosen, "validation_perplexity": report["final"]["validation_perplexity"],
+                              "seconds": report["train_seconds"] + final["train_seconds"]}
+
+
+EMA_DECAY = 0.99  # a horizon of about 100 of the 800 steps; one setting, not tuned
+# name -> model factory for training.train_language_model (None: the plain TransformerLM), on the best preset
+DECODERS = {
+    "best": None,
+    "best_novel_class": novel.novel_class_builder(),
+    # half of each singleton target stays the word: the singletons keep some probability of their own
+    "best_novel_class_half": novel.novel_class_builder(0.5),
+    "best_ema": averaging.ema_builder(EMA_DECAY),
+    "best_novel_class_ema": averaging.ema_builder(EMA_DECAY, novel.novel_class_builder()),
+}
+
+
+def decoder_rows(run, seed: int, names=None, log=print) -> dict:
+    """The best preset's decoders of `names`, each also with novel-word mass (its weight tuned on validation with
+    the selection model and the words that model never saw; 0 where the decoder already gives them enough)."""
+    config, settings = training.model_config(run, "lm", preset="best"), training.training_config(run, "lm", preset="best")
+    train_text, validation_text = split_lines(run.data.train_lm, settings.validation_fraction)
+    part, validation = training.encode_stream(run, train_text), training.encode_stream(run, validation_text)
+    everything = training.encode_stream(run, run.data.train_lm)
+    tests = {name: training.encode_stream(run, run.data.test_lm[name]) for name in TESTS}
+    never_seen_part = novel.never_seen_mask(novel.word_counts(part, config.vocab_size))
+    never_seen_all = novel.never_seen_mask(novel.word_counts(everything, config.vocab_size))
+
+    def nlls(model):
+        return {name: target_nlls(model, ids, config.block_size, run.device) for name, ids in tests.items()}
+
+    rows = {}
+    for name in names or DECODERS:
+        log(f"\n== gap: decoder {name}")
+        selection, model, report = train_decoder(run, config, settings, seed, DECODERS[name], log)
+        rows[name] = {**report, "nll": nlls(model)}
+        probabilities = (-target_nlls(selection, validation, config.block_size, run.device)).exp().tolist()
+        weight, perplexities = baselines.tune_novel_weight(probabilities, never_seen_part[validation[1:]].tolist(),
+                                                           int(never_seen_part.sum()))
+        rows[f"{name}_novel_mass"] = {**report, "weight": weight, "validation_perplexity": perplexities[weight],
+                                      "nll": nlls(novel.NovelWordMixture(model, never_seen_all, weight))}
+    return rows
+
+
+COMPARISONS = (("best", "kneser_ney"), ("best_novel_mass", "kneser_ney_novel_mass"),
+               ("best_novel_class", "kneser_ney_novel_mass"), ("best_novel_class_half", "kneser_ney_novel_mass"),
+               ("best_novel_class_half_novel_mass", "kneser_ney_novel_mass"),
+               ("best_novel_class_ema", "kneser_ney_novel_mass"))
+
+
+def summarise(rows: dict, target_buckets: dict) -> dict:
+    """Perplexities of every row and the gap tables of COMPARISONS (NLL tensors dropped, for JSON)."""
+    models = {name: {**{k: v for k, v in row.items() if k != "nll"},
+                     "perplexity": {test: math.exp(nll.mean().item()) for test, nll in row["nll"].items()}}
+              for name, row in rows.items()}
+    gaps = {f"{decoder} vs {count}": {test: gap_rows(target_buckets[test], rows[decoder]["nll"][test], rows[count]["nll"][test])
+                                      for test in target_buckets}
+            for decoder, count in COMPARISONS if decoder in rows and count in rows}
+    return {"models": models, "gaps": gaps}
+
+
+def target_buckets_of(words, train_lm: str, tests: dict) -> dict:
+    """The bucket of every scored target (tokens after the first) of each test stream."""
+    buckets = bucket_of_ids(novel.word_counts(torch.tensor(words.encode(train_lm)), words.vocab_size))
+    return {name: buckets[torch.as_tensor(ids)[1:]] for name, ids in tests.items()}
+
+
+def study(run, seed: int, names=None, log=print) -> dict:
+    """Count models and the decoders of `names` (default: all of DECODERS) on the same targets; their perplexities
+    and the gap tables."""
+    if run.tokenizer is not run.words:
+        raise ValueError("the gap study buckets words: it needs --tokenizer word")
+    started = time.perf_counter()
+    tests = {name: run.words.encode(run.data.test_lm[name]) for name in TESTS}
+    settings = training.training_config(run, "lm", preset="best")
+    rows = kneser_ney_rows(run.words, run.data.train_lm, settings.validation_fraction, tests)
+    rows.update(decoder_rows(run, seed, names, log))
+    result = summarise(rows, target_buckets_of(run.words, run.data.train_lm, tests))
+    result.update(seed=seed, seconds=time.perf_counter() - started)
+    return result
+
+
+def checkpoint_gap(model, words, data, device) -> dict:
+    """A saved decoder against both Kneser–Ney rows, on the course's test files."""
+    tests = {name: words.encode(data.test_lm[name]) for name in TESTS}
+    rows = kneser_ney_rows(words, data.train_lm, baselines.VALIDATION_FRACTION, tests)
+    rows["checkpoint"] = {"nll": {name: target_nlls(model, torch.tensor(ids), model.config.block_size, device)
+                                  for name, ids in tests.items()}}
+    buckets = target_buckets_of(words, data.train_lm, tests)
+    models = {name: {"perplexity": {t: math.exp(nll.mean().item()) for t, nll in row["nll"].items()},
+                     **{k: v for k, v in row.items() if k not in ("nll", "seconds")}} for name, row in rows.items()}
+    gaps = {f"checkpoint vs {count}": {t: gap_rows(buckets[t], rows["checkpoint"]["nll"][t], rows[count]["nll"][t])
+                                       for t in TESTS} for count in ("kneser_ney", "kneser_ney_novel_mass")}
+    return {"models": models, "gaps": gaps}
+
+
+def models_table(models: dict) -> str:
+    """One row per model: the novel-word weight, validation and test perplexity, training seconds."""
+    rows = [[name, f"{m['weight']:.3f}" if "weight" in m else "", f"{m['validation_perplexity']:.1f}"
+             if "validation_perplexity" in m else "", *(f"{m['perplexity'][t]:.1f}" for t in TESTS),
+             f"{m['seconds']:.0f}" if "seconds" in m else ""] for name, m in models.items()]
+    return utilities.markdown_table(["model", "novel weight", "validation ppl", *TESTS, "seconds"], rows)
+
+
+def report(result: dict, out, plots: bool, log=print):
+    """Print and write the tables (gap_models.md, gap_<comparison>.md) and the plot (gap.png)."""
+    table = models_table(result["models"])
+    log(f"\n{table}")
+    utilities.write_text(out / "gap_models.md", table + "\n")
+    for comparison, per_test in result["gaps"].items():
+        decoder, count = comparison.split(" vs ")
+        text = "\n\n".join(f"{test}\n\n{gap_table(rows, decoder, count)}" for test, rows in per_test.items())
+        log(f"\n{comparison}\n\n{text}")
+        utilities.write_text(out / f"gap_{decoder}_vs_{count}.md", text + "\n")
+    if plots:
+        plot_gap(result["gaps"], out / "gap.png")
