@@ -22,6 +22,7 @@ from transformer import (
     Output,
     TransformerConfig,
     Trunk,
+    dropout,
     repeat_kv,
 )
 
@@ -83,7 +84,7 @@ class DecoderBlock(nn.Module):
         self.cross_attention = CrossAttention(config)
         self.norm2 = NORMS[config.norm](config.n_embd, config.norm_eps)
         self.feedforward = FEEDFORWARDS[config.feedforward](config.n_embd, config.ff_hidden)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = dropout(config.dropout)
 
     def forward(self, x, mask, positions, memory, source_mask, start=0, cache=None, return_attention=False):
         y, self_map = self.attention(self.norm1(x), mask, positions, start, cache, return_attention)

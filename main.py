@@ -198,13 +198,20 @@ def part_three_scaling(run: Run) -> dict:
     """Transformers against the count models on growing slices of sotu-all (scaling.py)."""
     print("\n== data scaling (sotu-all)")
     results = scaling.study(run.args, experiments.worker_count(run.args.workers))
-    for name, table in scaling.tables(results).items():
-        print(f"\n{name}\n{table}")
-        utilities.write_text(run.out / f"scaling_{name}.md", table + "\n")
-    if not run.args.no_plots:
-        scaling.plot(results, run.out)
-    print(f"\nscaling took {results['seconds']:.0f} s")
+    report_study(run, "scaling", scaling.tables(results), scaling.plot, results)
     return results
+
+
+def report_study(run: Run, study: str, tables: dict[str, str], plot, results: dict):
+    """Print a study's tables and write them as OUT/<study>_<table>.md, draw its plots, say how long it took."""
+    for name, table in tables.items():
+        print(f"\n{name}\n{table}")
+        utilities.write_text(run.out / f"{study}_{name}.md", table + "\n")
+    if not run.args.no_plots:
+        plot(results, run.out)
+    print(f"\n{study} took {results['seconds']:.0f} s")
+
+
 def part_three_heads(run: Run, statistics: dict) -> dict:
     """What each head attends to, learned positions against ALiBi: tables (printed and saved) and a heatmap grid."""
     summary = heads.summary_table(statistics)
@@ -231,12 +238,7 @@ def part_three_improvement(run: Run) -> tuple[dict, list[str]]:
     """Baselines, the course base model and the best preset side by side, mean over --seeds seeds."""
     print("\n== improvement")
     results, failures = experiments.improve(run.args, run, run.args.seeds, experiments.worker_count(run.args.workers))
-    for name, table in experiments.improve_tables(results).items():
-        print(f"\n{name}\n{table}")
-        utilities.write_text(run.out / f"improve_{name}.md", table + "\n")
-    if not run.args.no_plots:
-        experiments.plot_improve(results, run.out)
-    print(f"\nimprovement took {results['seconds']:.0f} s")
+    report_study(run, "improve", experiments.improve_tables(results), experiments.plot_improve, results)
     return results, failures
 
 
@@ -246,13 +248,7 @@ def part_three_exploration(run: Run) -> tuple[dict, list[str]]:
     variants = experiments.variant_names(args.variants)
     print("\n== exploration")
     results, failures = experiments.explore(args, variants, args.seeds, experiments.worker_count(args.workers))
-    tables = experiments.exploration_tables(results)
-    for name, table in tables.items():
-        print(f"\n{name}\n{table}")
-        utilities.write_text(run.out / f"explore_{name}.md", table + "\n")
-    if not args.no_plots:
-        experiments.plot_exploration(results, run.out)
-    print(f"\nexploration took {results['seconds']:.0f} s")
+    report_study(run, "explore", experiments.exploration_tables(results), experiments.plot_exploration, results)
     return results, failures
 
 
@@ -381,13 +377,19 @@ def build_generate_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def load_decoder(checkpoint: Path, purpose: str):
+    """(model, tokenizer JSON) of a saved decoder; a classifier's checkpoint raises ValueError naming `purpose`."""
+    model, tokenizer_json, _ = utilities.build_and_load(checkpoint)
+    if not hasattr(model, "lm_head"):
+        raise ValueError(f"{checkpoint}: holds a classifier; {purpose} needs a decoder (--part two --save)")
+    return model, tokenizer_json
+
+
 def generate_command(argv) -> int:
     """python main.py generate --checkpoint DIR --prompt "..." [options]: print the continuation."""
     args = build_generate_parser().parse_args(argv)
     try:
-        model, tokenizer_json, _ = utilities.build_and_load(args.checkpoint)
-        if not hasattr(model, "lm_head"):
-            raise ValueError(f"{args.checkpoint}: holds a classifier; generation needs a decoder (--part two --save)")
+        model, tokenizer_json = load_decoder(args.checkpoint, "generation")
         tokenizer = tokenizer_from_json(tokenizer_json)
         prompt = tokenizer.encode(args.prompt)
         word_level = isinstance(tokenizer, WordTokenizer)
@@ -442,9 +444,7 @@ def gap_command(argv) -> int:
     """python main.py gap --checkpoint DIR [--data-dir DIR] [--out DIR]: print and write the gap tables."""
     args = build_gap_parser().parse_args(argv)
     try:
-        model, tokenizer_json, _ = utilities.build_and_load(args.checkpoint)
-        if not hasattr(model, "lm_head"):
-            raise ValueError(f"{args.checkpoint}: holds a classifier; the gap needs a decoder (--part two --save)")
+        model, tokenizer_json = load_decoder(args.checkpoint, "the gap")
         data = load_speeches(corpus.locate(args.data_dir))
         words = WordTokenizer.from_texts(data.vocabulary_texts(), data.vocabulary_cap)
         if tokenizer_from_json(tokenizer_json).to_json() != words.to_json():
