@@ -321,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also compare baselines, the course model and the best preset (training.PRESETS)")
     explore.add_argument("--scaling", action="store_true",
                          help="also train the transformers and count models on growing slices of sotu-all (scaling.py)")
-    explore.add_argument("--scaling-full", action="store_true", help="with --scaling: add the 1M-token and whole-corpus slices")
+    explore.add_argument("--scaling-full", action="store_true",
+                         help="with --scaling: add the 512k, 1M and whole-corpus slices (and 8k, 16k, all segments)")
     explore.add_argument("--scaling-lm-steps", type=int, default=1500, help="with --scaling: decoder iterations per slice")
     explore.add_argument("--scaling-cls-steps", type=int, default=1500,
                          help="with --scaling: encoder steps per slice (at least 2 epochs, at most the preset's)")

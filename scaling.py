@@ -23,10 +23,10 @@ import training
 import utilities
 from dataset import LabelledSegments, split_lines, stratified_split
 
-LM_TOKENS = (32_000, 64_000, 128_000, 256_000, 512_000)  # the default run; --scaling-full adds 1M and all
-LM_TOKENS_FULL = (*LM_TOKENS, 1_000_000, None)  # None: the whole training text
-CLS_SEGMENTS = (500, 1_000, 2_000, 4_000, 8_000)
-CLS_SEGMENTS_FULL = (*CLS_SEGMENTS, 16_000, None)
+LM_TOKENS = (32_000, 64_000, 128_000, 256_000)  # the default run (15 minutes here); --scaling-full adds 512k, 1M, all
+LM_TOKENS_FULL = (*LM_TOKENS, 512_000, 1_000_000, None)  # None: the whole training text
+CLS_SEGMENTS = (500, 1_000, 2_000, 4_000)
+CLS_SEGMENTS_FULL = (*CLS_SEGMENTS, 8_000, 16_000, None)
 VALIDATION = 0.1
 EVALUATIONS = 5  # validation evaluations per run: the best one is kept (early stopping)
 TRANSFORMERS = ("base", "best")
