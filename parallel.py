@@ -51,9 +51,14 @@ def start(device: torch.device) -> tuple[Parallel, torch.device]:
 
 
 def stop():
-    """Leave the process group, if one was joined."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group, if one was joined, once every process has reached this point."""
+    if not dist.is_initialized():
+        return
+    # a gloo connection torn down while its peer still uses it aborts that process at exit ("terminate called
+    # without an active exception", about one run in three here); a peer that has died already fails the barrier
+    with contextlib.suppress(RuntimeError):
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def wrap(model: torch.nn.Module, parallel: Parallel) -> torch.nn.Module:

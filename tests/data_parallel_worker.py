@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+import parallel as data_parallel
 from dataset import EpochBatches
 from parallel import Parallel
 from tokenizer import PAD_ID
@@ -49,4 +50,4 @@ def run(rank: int, world_size: int, port: int, result_dir: str):
         history, model = classifier_fit(Parallel(rank, world_size, torch.device("cpu")))
         torch.save({"history": history, "weights": model.state_dict()}, Path(result_dir) / f"rank{rank}.pt")
     finally:
-        torch.distributed.destroy_process_group()
+        data_parallel.stop()
