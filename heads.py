@@ -8,7 +8,6 @@ experiments.py: it runs trained models read-only and reports through utilities.p
 
 import unicodedata
 
-import matplotlib.pyplot as plt
 import torch
 
 import training
@@ -103,7 +102,7 @@ def summary_table(models: dict[str, dict]) -> str:
 
 def plot_heads(models: dict[str, dict], path):
     """A grid of (layer x head) heatmaps: one row per model, one column per statistic, values written in."""
-    figure, axes = plt.subplots(len(models), len(STATISTICS), figsize=(2.6 * len(STATISTICS), 2.2 * len(models)),
+    figure, axes = utilities.pyplot().subplots(len(models), len(STATISTICS), figsize=(2.6 * len(STATISTICS), 2.2 * len(models)),
                                 squeeze=False)
     for row, (model_name, statistics) in enumerate(models.items()):
         for column, name in enumerate(STATISTICS):
