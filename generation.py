@@ -91,7 +91,10 @@ def choose_token(logits, strategy, temperature=1.0, top_k=None, top_p=None, gene
     if strategy == "greedy":
         return logits.argmax(dim=-1)
     probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # drawn where the generator lives: a CPU generator with a CUDA model (torch.multinomial refuses the pair)
+    # gives the draws it gives on the CPU
+    where = generator.device if generator is not None else probs.device
+    return torch.multinomial(probs.to(where), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
 def decode(window: ContextWindow, prompt: torch.Tensor, max_new_tokens: int, choose, eos_id=None,

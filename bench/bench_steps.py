@@ -1,11 +1,12 @@
-"""Time one training step of the course's base models: fp32, bf16 autocast and torch.compile.
+"""Time one training step of the course's base models: fp32, bf16 or fp16 autocast and torch.compile.
 
-    python bench/bench_steps.py [--steps 200] [--threads 1] [--device cpu]
+    python bench/bench_steps.py [--steps 200] [--threads 1] [--device cpu|cuda] [--cases fp32,bf16,compile]
 
 Each case trains the default-size classifier (batch 16 x 32 tokens, padded) or decoder (5,635-word head) with the
 same step as training.fit (autocast forward, fused AdamW). The first step of a compiled model includes compilation;
 "pays after" is the number of steps after which compilation has cost less than the steps it saved.
-Times are CPU seconds of this process (steady on a shared machine) and wall seconds.
+Times are CPU seconds of this process (steady on a shared machine) and wall seconds; the ratios use CPU seconds on
+the CPU and wall seconds on a GPU (where the process mostly waits for the device).
 """
 
 import argparse
@@ -16,7 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules, from any folder
-from training import autocast
+from parallel import SINGLE
+from training import autocast, compiled
 from transformer import TransformerClassifier, TransformerConfig, TransformerLM
 
 VOCABULARY = 5635  # the course's word vocabulary
@@ -31,13 +33,14 @@ def batch(task: str, generator: torch.Generator, device) -> tuple[torch.Tensor, 
     return ids.to(device), torch.randint(2, VOCABULARY, (16, 32), generator=generator).to(device)
 
 
-def time_steps(task: str, precision: str, compiled: bool, steps: int, device) -> dict:
+def time_steps(task: str, precision: str, compile_it: bool, steps: int, device) -> dict:
     """Seconds of the first step (compilation included) and the mean of the next `steps` (after 10 warm-up steps)."""
     torch.manual_seed(0)
     model_class = TransformerClassifier if task == "classifier" else TransformerLM
     model = model_class(TransformerConfig(vocab_size=VOCABULARY)).to(device).train()
-    forward = torch.compile(model) if compiled else model
+    forward = compiled(model, device, SINGLE) if compile_it else model  # what --compile does
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # as training.fit: fp16 needs one
     generator = torch.Generator().manual_seed(0)
     batches = [batch(task, generator, device) for _ in range(8)]
 
@@ -46,8 +49,9 @@ def time_steps(task: str, precision: str, compiled: bool, steps: int, device) ->
         with autocast(device, precision):
             loss = forward(inputs, targets).loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         loss.item()  # waits for the GPU, as fit's bookkeeping does
 
     clocks = (time.process_time, time.perf_counter)
@@ -68,23 +72,30 @@ def main():
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--cases", default="fp32,bf16,compile", help="comma-separated: fp32, bf16, compile, compile-bf16")
+    parser.add_argument("--cases", default="fp32,bf16,compile",
+                        help="comma-separated: fp32, bf16, fp16 (CUDA only), compile, compile-bf16")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    cases = {"fp32": ("fp32", False), "bf16": ("bf16", False), "compile": ("fp32", True), "compile-bf16": ("bf16", True)}
+    cases = {"fp32": ("fp32", False), "bf16": ("bf16", False), "fp16": ("fp16", False), "compile": ("fp32", True),
+             "compile-bf16": ("bf16", True)}
+    unknown = set(args.cases.split(",")) - set(cases)
+    if unknown or ("fp16" in args.cases and device.type != "cuda"):
+        parser.error(f"--cases takes a comma-separated subset of {', '.join(cases)} (fp16 on CUDA only)")
+    clock = "step_wall" if device.type == "cuda" else "step_cpu"  # a GPU step's CPU time is mostly waiting
     print(f"{args.steps} steps, {args.threads} thread(s), {device}")
     print("| model | case | first step s (CPU / wall) | ms per step (CPU / wall) | vs fp32 eager | pays after |")
     print("|---|---|---|---|---|---|")
     for task in ("classifier", "lm"):
         base = None
         for name in args.cases.split(","):
-            precision, compiled = cases[name]
-            result = time_steps(task, precision, compiled, args.steps, device)
+            precision, compile_it = cases[name]
+            result = time_steps(task, precision, compile_it, args.steps, device)
             base = base or result
-            speedup = base["step_cpu"] / result["step_cpu"]
-            saved = base["step_cpu"] - result["step_cpu"]
-            pays = f"{(result['first_cpu'] - base['first_cpu']) / saved:,.0f} steps" if compiled and saved > 0 else "-"
+            speedup = base[clock] / result[clock]
+            saved = base[clock] - result[clock]
+            first = clock.replace("step", "first")
+            pays = f"{(result[first] - base[first]) / saved:,.0f} steps" if compile_it and saved > 0 else "-"
             print(f"| {task} | {name} | {result['first_cpu']:.2f} / {result['first_wall']:.2f} | "
                   f"{1e3 * result['step_cpu']:.2f} / {1e3 * result['step_wall']:.2f} | {speedup:.2f}x | {pays} |", flush=True)
 

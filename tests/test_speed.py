@@ -1,6 +1,7 @@
 """Speed work (docs/training.md): mixed precision in the training loop, and the overhead removals in the model,
 which must leave the base model's outputs exactly as the formulation they replaced."""
 
+import itertools
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import main
+from generation import choose_token
 from training import TrainingConfig, fit, negative_log_likelihood
 from transformer import TransformerClassifier, TransformerConfig, TransformerLM
 
@@ -19,17 +21,20 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 # ---------------------------------------------------------------- mixed precision
 
 
-def train_losses(precision: str, device="cpu", steps: int = 12) -> tuple[list[float], list[torch.dtype]]:
-    """The per-step losses of a tiny decoder trained with `precision`, and the dtypes its head produced."""
+def train_losses(precision: str, device="cpu", steps: int = 12, compile: bool = False,
+                 rows=(8,)) -> tuple[list[float], list[torch.dtype]]:
+    """The per-step losses of a tiny decoder trained with `precision` on batches of `rows` rows in turn, and the
+    dtypes its head produced."""
     torch.manual_seed(0)
     model = TransformerLM(TransformerConfig(**TINY)).to(device)
     head_dtypes = []
     model.lm_head.register_forward_hook(lambda module, inputs, output: head_dtypes.append(output.dtype))
-    generator = torch.Generator().manual_seed(0)
-    batches = iter(lambda: (torch.randint(0, 30, (8, 8), generator=generator),) * 2, None)
+    generator, sizes = torch.Generator().manual_seed(0), itertools.cycle(rows)
+    batches = iter(lambda: (torch.randint(0, 30, (next(sizes), 8), generator=generator),) * 2, None)
     losses = []
     fit(model, batches, steps, steps, lambda step, recent: losses.extend(loss for loss, _, _ in recent) or {},
-        TrainingConfig(learning_rate=3e-3, precision=precision), torch.device(device), count_correct=False)
+        TrainingConfig(learning_rate=3e-3, precision=precision, compile=compile), torch.device(device),
+        count_correct=False)
     return losses, head_dtypes
 
 
@@ -65,6 +70,23 @@ def test_mixed_precision_on_cuda_trains_close_to_fp32(precision):
     assert set(dtypes) == {getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[precision])}
     assert all(math.isfinite(loss) for loss in mixed)
     assert max(abs(a - b) for a, b in zip(fp32, mixed)) < 0.05 * fp32[0]
+
+
+@needs_cuda
+def test_compile_on_cuda_records_cuda_graphs_and_trains_like_eager():
+    """--compile on one GPU is "reduce-overhead" (CUDA graphs), here with two batch shapes (a short last batch)."""
+    eager, _ = train_losses("fp32", "cuda", rows=(8, 5))
+    torch._dynamo.reset()
+    compiled, _ = train_losses("fp32", "cuda", compile=True, rows=(8, 5))
+    assert max(abs(a - b) for a, b in zip(eager, compiled)) < 1e-4 * eager[0]  # fusion moves the last bits only
+
+
+@needs_cuda
+def test_sampling_a_cuda_model_with_a_cpu_generator_draws_as_on_the_cpu():
+    logits = torch.randn(64, 30, generator=torch.Generator().manual_seed(1))
+    draws = {device: choose_token(logits.to(device), "sample", top_k=10, generator=torch.Generator().manual_seed(2))
+             for device in ("cpu", "cuda")}
+    assert draws["cuda"].device.type == "cuda" and torch.equal(draws["cuda"].cpu(), draws["cpu"])
 
 
 # ---------------------------------------------------------------- overhead removals keep the outputs
