@@ -13,7 +13,8 @@ difference of the overall mean NLLs, the log of the perplexity ratio.
 
 import math
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -139,16 +140,51 @@ def train_decoder(run, config, settings, seed: int, build_model=None, log=print)
                               "seconds": report["train_seconds"] + final["train_seconds"]}
 
 
+@dataclass(frozen=True)
+class DecoderRow:
+    """One decoder row of the study, on the best preset: its model factory, its changes, how many seeds."""
+
+    build: Callable | None = None  # a model factory for training.train_language_model (None: the plain TransformerLM)
+    model: dict = field(default_factory=dict)  # changes to the preset's TransformerConfig
+    training: dict = field(default_factory=dict)  # changes to the preset's TrainingConfig
+    seeds: int = 1  # > 1: an ensemble (averaging.ProbabilityAverage) of decoders trained with seeds seed, seed + 1, ...
+
+
 EMA_DECAY = 0.99  # a horizon of about 100 of the 800 steps; one setting, not tuned
-# name -> model factory for training.train_language_model (None: the plain TransformerLM), on the best preset
+HALF = novel.novel_class_builder(0.5)  # half of each singleton target stays the word: they keep some probability
+EMBEDDING_DROPOUT = {"embedding_dropout": 0.1}  # AWD-LSTM's value
+UNIGRAM_NOISE = {"input_noise": "unigram", "noise_gamma": 0.1}
 DECODERS = {
-    "best": None,
-    "best_novel_class": novel.novel_class_builder(),
-    # half of each singleton target stays the word: the singletons keep some probability of their own
-    "best_novel_class_half": novel.novel_class_builder(0.5),
-    "best_ema": averaging.ema_builder(EMA_DECAY),
-    "best_novel_class_ema": averaging.ema_builder(EMA_DECAY, novel.novel_class_builder()),
+    "best": DecoderRow(),
+    "best_novel_class": DecoderRow(novel.novel_class_builder()),
+    "best_novel_class_half": DecoderRow(HALF),
+    "best_ema": DecoderRow(averaging.ema_builder(EMA_DECAY)),
+    "best_novel_class_ema": DecoderRow(averaging.ema_builder(EMA_DECAY, novel.novel_class_builder())),
+    # the frequent words (issue 13, point 4), each on top of the half class
+    "half_embedding_dropout": DecoderRow(HALF, model=EMBEDDING_DROPOUT),
+    "half_unigram_noise": DecoderRow(HALF, training=UNIGRAM_NOISE),
+    "half_blank_noise": DecoderRow(HALF, training={"input_noise": "blank", "noise_gamma": 0.1}),
+    "half_kneser_ney_noise": DecoderRow(HALF, training={"input_noise": "kneser_ney", "noise_gamma": 0.2}),
+    "half_seeds3": DecoderRow(HALF, seeds=3),
 }
+
+
+def train_row(run, row: DecoderRow, config, settings, seed: int, log=print):
+    """A row's selection and final decoders (each a seed ensemble when row.seeds > 1) and its report; an
+    ensemble's report has each member's validation and test perplexities and the sum of their seconds."""
+    config, settings = replace(config, **row.model).validate(), replace(settings, **row.training).validate()
+    if row.seeds == 1:
+        return train_decoder(run, config, settings, seed, row.build, log)
+    members = [train_decoder(run, config, settings, seed + offset, row.build, log) for offset in range(row.seeds)]
+    tests = {name: training.encode_stream(run, run.data.test_lm[name]) for name in TESTS}
+    report = {"best_iteration": [report["best_iteration"] for _, _, report in members],
+              "seconds": sum(report["seconds"] for _, _, report in members),
+              "members": [{"seed": seed + offset, "validation_perplexity": report["validation_perplexity"],
+                           "perplexity": {name: training.perplexity(model, ids, config.block_size, run.device)
+                                          for name, ids in tests.items()}}
+                          for offset, (_, model, report) in enumerate(members)]}
+    return (averaging.ProbabilityAverage([selection for selection, _, _ in members]),
+            averaging.ProbabilityAverage([model for _, model, _ in members]), report)
 
 
 def decoder_rows(run, seed: int, names=None, log=print) -> dict:
@@ -168,9 +204,11 @@ def decoder_rows(run, seed: int, names=None, log=print) -> dict:
     rows = {}
     for name in names or DECODERS:
         log(f"\n== gap: decoder {name}")
-        selection, model, report = train_decoder(run, config, settings, seed, DECODERS[name], log)
+        selection, model, report = train_row(run, DECODERS[name], config, settings, seed, log)
+        validation_nll = target_nlls(selection, validation, config.block_size, run.device)
+        report.setdefault("validation_perplexity", math.exp(validation_nll.mean().item()))
         rows[name] = {**report, "nll": nlls(model)}
-        probabilities = (-target_nlls(selection, validation, config.block_size, run.device)).exp().tolist()
+        probabilities = (-validation_nll).exp().tolist()
         weight, perplexities = baselines.tune_novel_weight(probabilities, never_seen_part[validation[1:]].tolist(),
                                                            int(never_seen_part.sum()))
         rows[f"{name}_novel_mass"] = {**report, "weight": weight, "validation_perplexity": perplexities[weight],
