@@ -154,6 +154,7 @@ EMA_DECAY = 0.99  # a horizon of about 100 of the 800 steps; one setting, not tu
 HALF = novel.novel_class_builder(0.5)  # half of each singleton target stays the word: they keep some probability
 EMBEDDING_DROPOUT = {"embedding_dropout": 0.1}  # AWD-LSTM's value
 UNIGRAM_NOISE = {"input_noise": "unigram", "noise_gamma": 0.1}
+KNESER_NEY_NOISE = {"input_noise": "kneser_ney", "noise_gamma": 0.2}  # gamma0: a word's rate is gamma0 N1+(x, .) / c(x)
 DECODERS = {
     "best": DecoderRow(),
     "best_novel_class": DecoderRow(novel.novel_class_builder()),
@@ -164,8 +165,14 @@ DECODERS = {
     "half_embedding_dropout": DecoderRow(HALF, model=EMBEDDING_DROPOUT),
     "half_unigram_noise": DecoderRow(HALF, training=UNIGRAM_NOISE),
     "half_blank_noise": DecoderRow(HALF, training={"input_noise": "blank", "noise_gamma": 0.1}),
-    "half_kneser_ney_noise": DecoderRow(HALF, training={"input_noise": "kneser_ney", "noise_gamma": 0.2}),
+    "half_kneser_ney_noise": DecoderRow(HALF, training=KNESER_NEY_NOISE),
     "half_seeds3": DecoderRow(HALF, seeds=3),
+    # re-tuned on validation with unigram noising in place
+    "half_unigram_noise_0.2": DecoderRow(HALF, training={**UNIGRAM_NOISE, "noise_gamma": 0.2}),
+    "half_unigram_noise_1000_steps": DecoderRow(HALF, training={**UNIGRAM_NOISE, "max_iters": 1000}),
+    "half_unigram_noise_seeds3": DecoderRow(HALF, training=UNIGRAM_NOISE, seeds=3),
+    "half_kneser_ney_noise_0.4": DecoderRow(HALF, training={**KNESER_NEY_NOISE, "noise_gamma": 0.4}),
+    "half_kneser_ney_noise_seeds3": DecoderRow(HALF, training=KNESER_NEY_NOISE, seeds=3),
 }
 
 
