@@ -226,7 +226,8 @@ def decoder_rows(run, seed: int, names=None, log=print) -> dict:
 COMPARISONS = (("best", "kneser_ney"), ("best_novel_mass", "kneser_ney_novel_mass"),
                ("best_novel_class", "kneser_ney_novel_mass"), ("best_novel_class_half", "kneser_ney_novel_mass"),
                ("best_novel_class_half_novel_mass", "kneser_ney_novel_mass"),
-               ("best_novel_class_ema", "kneser_ney_novel_mass"))
+               ("best_novel_class_ema", "kneser_ney_novel_mass"),
+               *((f"{name}_novel_mass", "kneser_ney_novel_mass") for name in DECODERS if name.startswith("half_")))
 
 
 def summarise(rows: dict, target_buckets: dict) -> dict:
@@ -293,5 +294,5 @@ def report(result: dict, out, plots: bool, log=print):
         text = "\n\n".join(f"{test}\n\n{gap_table(rows, decoder, count)}" for test, rows in per_test.items())
         log(f"\n{comparison}\n\n{text}")
         utilities.write_text(out / f"gap_{decoder}_vs_{count}.md", text + "\n")
-    if plots:
+    if plots and result["gaps"]:
         plot_gap(result["gaps"], out / "gap.png")
