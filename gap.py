@@ -173,6 +173,7 @@ DECODERS = {
     "half_unigram_noise_seeds3": DecoderRow(HALF, training=UNIGRAM_NOISE, seeds=3),
     "half_kneser_ney_noise_0.4": DecoderRow(HALF, training={**KNESER_NEY_NOISE, "noise_gamma": 0.4}),
     "half_kneser_ney_noise_1000_steps": DecoderRow(HALF, training={**KNESER_NEY_NOISE, "max_iters": 1000}),
+    "half_kneser_ney_noise_1000_steps_seeds3": DecoderRow(HALF, training={**KNESER_NEY_NOISE, "max_iters": 1000}, seeds=3),
     "half_kneser_ney_noise_seeds3": DecoderRow(HALF, training=KNESER_NEY_NOISE, seeds=3),
 }
 
