@@ -1,4 +1,5 @@
-"""Weight averaging for the decoder (issue 13): an exponential moving average of the weights along one run.
+"""Averaging for the decoder (issue 13): an exponential moving average of the weights along one run, and an
+ensemble that averages the next-word probabilities of decoders trained with different seeds.
 
 `WeightAverage` wraps a decoder: in training mode it is the decoder, and before each training step it folds the
 current weights (those after the previous optimizer step) into the average; in evaluation mode it runs the
@@ -6,7 +7,10 @@ averaged copy. So training.train_language_model evaluates, selects and refits on
 change to its loop (pass `ema_builder(decay)` as its build_model).
 """
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -42,3 +46,26 @@ def ema_builder(decay: float, inner=None):
     def build(config, train_stream):
         return WeightAverage(inner(config, train_stream) if inner else TransformerLM(config), decay)
     return build
+
+
+class ProbabilityAverage(nn.Module):
+    """A seed ensemble: the mean of its members' next-word probabilities (not of their logits), returned as
+    log-probabilities in `logits`, so training.perplexity and gap.target_nlls score it unchanged."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    @property
+    def config(self) -> TransformerConfig:
+        return self.members[0].config
+
+    def forward(self, idx, targets=None, caches=None, return_attention=False) -> Output:
+        """idx: (B, T) ids. log(mean_m P_m(w | context)) over the vocabulary; loss: mean NLL of `targets`.
+        No cached decoding (each member would need caches of its own) and no attention maps."""
+        if caches is not None:
+            raise ValueError("a seed ensemble scores whole windows: no KV caches")
+        log_probs = torch.stack([member(idx).logits.log_softmax(-1) for member in self.members])  # (M, B, T, V)
+        mean = torch.logsumexp(log_probs, 0) - math.log(len(self.members))  # (B, T, V)
+        loss = None if targets is None else F.nll_loss(mean.flatten(0, 1), targets.flatten())
+        return Output(mean, loss, None)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from tokenizer import PAD_ID
+from tokenizer import PAD_ID, UNK_ID
 
 CLASS_NAMES = ("Barack Obama", "George W. Bush", "George H. W. Bush")
 TRAIN_CLS, TEST_CLS, TRAIN_LM = "train_CLS.tsv", "test_CLS.tsv", "train_LM.txt"
@@ -201,6 +201,75 @@ class WindowBatches:
 
     def load_state_dict(self, state: dict):
         self.generator.set_state(state["generator"])
+
+
+# ---------------------------------------------------------------- data noising (Xie et al., 2017)
+# Each input token x is replaced, with probability gamma(x), by a draw from a proposal distribution q; the targets
+# are never noised. In the n-gram view, a model trained on noised contexts interpolates its prediction from the
+# true context with the prediction from a context whose word was resampled: unigram noising corresponds to
+# interpolating with a lower order (Jelinek-Mercer), blank noising to backing off to a shorter context, and the
+# Kneser-Ney variant noises a word more the more distinct words follow it, with proposals by how many distinct
+# words precede each word (its continuation count).
+
+
+def unigram_noise(stream: torch.Tensor, vocab_size: int, gamma: float):
+    """(gamma per id, proposal): every input at gamma, replaced by a draw from the training text's unigram frequencies."""
+    return torch.full((vocab_size,), gamma), torch.bincount(stream, minlength=vocab_size).double()
+
+
+def blank_noise(stream: torch.Tensor, vocab_size: int, gamma: float):
+    """(gamma per id, proposal): every input at gamma, replaced by the placeholder `<unk>` (never in the training
+    text, since the vocabulary covers it; at test time it stands for words outside the vocabulary)."""
+    return torch.full((vocab_size,), gamma), torch.nn.functional.one_hot(torch.tensor(UNK_ID), vocab_size).double()
+
+
+def kneser_ney_noise(stream: torch.Tensor, vocab_size: int, gamma: float):
+    """(gamma per id, proposal): a word x is noised at gamma * N1+(x, .) / c(x) (the share of its occurrences that
+    begin a distinct bigram), replaced by a draw from q(w) ~ N1+(., w), the number of distinct words before w."""
+    pairs = torch.unique(stream[:-1] * vocab_size + stream[1:])  # the distinct bigrams, as first * V + second
+    followers = torch.bincount(pairs // vocab_size, minlength=vocab_size).double()  # N1+(x, .)
+    predecessors = torch.bincount(pairs % vocab_size, minlength=vocab_size).double()  # N1+(., w)
+    counts = torch.bincount(stream[:-1], minlength=vocab_size).double()
+    return gamma * followers / counts.clamp(min=1), predecessors
+
+
+INPUT_NOISES = {"unigram": unigram_noise, "blank": blank_noise, "kneser_ney": kneser_ney_noise}  # or "none"
+
+
+class NoisedBatches:
+    """Batches of another iterator whose inputs are noised: each input id x replaced with probability gamma[x] by a
+    draw from `proposal` (unnormalised weights over the vocabulary); the targets are left as they are."""
+
+    def __init__(self, batches, gamma: torch.Tensor, proposal: torch.Tensor, generator: torch.Generator):
+        self.batches, self.gamma, self.proposal, self.generator = batches, gamma, proposal, generator
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        inputs, targets = next(self.batches)
+        replaced = torch.rand(inputs.shape, generator=self.generator) < self.gamma[inputs]  # (B, T)
+        draws = torch.multinomial(self.proposal, inputs.numel(), replacement=True, generator=self.generator)
+        return torch.where(replaced, draws.view_as(inputs), inputs), targets
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict):
+        self.batches.load_state_dict(state["batches"])
+        self.generator.set_state(state["generator"])
+
+
+NOISE_SEED_OFFSET = 1_000_003  # the noise's generator is not the windows' (same seed, unrelated draws)
+
+
+def noised_batches(batches, kind: str, gamma: float, stream: torch.Tensor, vocab_size: int, seed: int):
+    """`batches` with their inputs noised by INPUT_NOISES[kind] at gamma, drawn from a generator of `seed`
+    (the batches themselves for kind "none" or gamma 0)."""
+    if kind == "none" or gamma == 0:
+        return batches
+    gamma_per_id, proposal = INPUT_NOISES[kind](torch.as_tensor(stream), vocab_size, gamma)
+    return NoisedBatches(batches, gamma_per_id, proposal, torch.Generator().manual_seed(seed + NOISE_SEED_OFFSET))
 
 
 def consecutive_windows(data: torch.Tensor, block_size: int):

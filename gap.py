@@ -13,7 +13,8 @@ difference of the overall mean NLLs, the log of the perplexity ratio.
 
 import math
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -139,16 +140,60 @@ def train_decoder(run, config, settings, seed: int, build_model=None, log=print)
                               "seconds": report["train_seconds"] + final["train_seconds"]}
 
 
+@dataclass(frozen=True)
+class DecoderRow:
+    """One decoder row of the study, on the best preset: its model factory, its changes, how many seeds."""
+
+    build: Callable | None = None  # a model factory for training.train_language_model (None: the plain TransformerLM)
+    model: dict = field(default_factory=dict)  # changes to the preset's TransformerConfig
+    training: dict = field(default_factory=dict)  # changes to the preset's TrainingConfig
+    seeds: int = 1  # > 1: an ensemble (averaging.ProbabilityAverage) of decoders trained with seeds seed, seed + 1, ...
+
+
 EMA_DECAY = 0.99  # a horizon of about 100 of the 800 steps; one setting, not tuned
-# name -> model factory for training.train_language_model (None: the plain TransformerLM), on the best preset
+HALF = novel.novel_class_builder(0.5)  # half of each singleton target stays the word: they keep some probability
+EMBEDDING_DROPOUT = {"embedding_dropout": 0.1}  # AWD-LSTM's value
+UNIGRAM_NOISE = {"input_noise": "unigram", "noise_gamma": 0.1}
+KNESER_NEY_NOISE = {"input_noise": "kneser_ney", "noise_gamma": 0.2}  # gamma0: a word's rate is gamma0 N1+(x, .) / c(x)
 DECODERS = {
-    "best": None,
-    "best_novel_class": novel.novel_class_builder(),
-    # half of each singleton target stays the word: the singletons keep some probability of their own
-    "best_novel_class_half": novel.novel_class_builder(0.5),
-    "best_ema": averaging.ema_builder(EMA_DECAY),
-    "best_novel_class_ema": averaging.ema_builder(EMA_DECAY, novel.novel_class_builder()),
+    "best": DecoderRow(),
+    "best_novel_class": DecoderRow(novel.novel_class_builder()),
+    "best_novel_class_half": DecoderRow(HALF),
+    "best_ema": DecoderRow(averaging.ema_builder(EMA_DECAY)),
+    "best_novel_class_ema": DecoderRow(averaging.ema_builder(EMA_DECAY, novel.novel_class_builder())),
+    # the frequent words (issue 13, point 4), each on top of the half class
+    "half_embedding_dropout": DecoderRow(HALF, model=EMBEDDING_DROPOUT),
+    "half_unigram_noise": DecoderRow(HALF, training=UNIGRAM_NOISE),
+    "half_blank_noise": DecoderRow(HALF, training={"input_noise": "blank", "noise_gamma": 0.1}),
+    "half_kneser_ney_noise": DecoderRow(HALF, training=KNESER_NEY_NOISE),
+    "half_seeds3": DecoderRow(HALF, seeds=3),
+    # re-tuned on validation with unigram noising in place
+    "half_unigram_noise_0.2": DecoderRow(HALF, training={**UNIGRAM_NOISE, "noise_gamma": 0.2}),
+    "half_unigram_noise_1000_steps": DecoderRow(HALF, training={**UNIGRAM_NOISE, "max_iters": 1000}),
+    "half_unigram_noise_seeds3": DecoderRow(HALF, training=UNIGRAM_NOISE, seeds=3),
+    "half_kneser_ney_noise_0.4": DecoderRow(HALF, training={**KNESER_NEY_NOISE, "noise_gamma": 0.4}),
+    "half_kneser_ney_noise_1000_steps": DecoderRow(HALF, training={**KNESER_NEY_NOISE, "max_iters": 1000}),
+    "half_kneser_ney_noise_1000_steps_seeds3": DecoderRow(HALF, training={**KNESER_NEY_NOISE, "max_iters": 1000}, seeds=3),
+    "half_kneser_ney_noise_seeds3": DecoderRow(HALF, training=KNESER_NEY_NOISE, seeds=3),
 }
+
+
+def train_row(run, row: DecoderRow, config, settings, seed: int, log=print):
+    """A row's selection and final decoders (each a seed ensemble when row.seeds > 1) and its report; an
+    ensemble's report has each member's validation and test perplexities and the sum of their seconds."""
+    config, settings = replace(config, **row.model).validate(), replace(settings, **row.training).validate()
+    if row.seeds == 1:
+        return train_decoder(run, config, settings, seed, row.build, log)
+    members = [train_decoder(run, config, settings, seed + offset, row.build, log) for offset in range(row.seeds)]
+    tests = {name: training.encode_stream(run, run.data.test_lm[name]) for name in TESTS}
+    report = {"best_iteration": [report["best_iteration"] for _, _, report in members],
+              "seconds": sum(report["seconds"] for _, _, report in members),
+              "members": [{"seed": seed + offset, "validation_perplexity": report["validation_perplexity"],
+                           "perplexity": {name: training.perplexity(model, ids, config.block_size, run.device)
+                                          for name, ids in tests.items()}}
+                          for offset, (_, model, report) in enumerate(members)]}
+    return (averaging.ProbabilityAverage([selection for selection, _, _ in members]),
+            averaging.ProbabilityAverage([model for _, model, _ in members]), report)
 
 
 def decoder_rows(run, seed: int, names=None, log=print) -> dict:
@@ -168,9 +213,11 @@ def decoder_rows(run, seed: int, names=None, log=print) -> dict:
     rows = {}
     for name in names or DECODERS:
         log(f"\n== gap: decoder {name}")
-        selection, model, report = train_decoder(run, config, settings, seed, DECODERS[name], log)
+        selection, model, report = train_row(run, DECODERS[name], config, settings, seed, log)
+        validation_nll = target_nlls(selection, validation, config.block_size, run.device)
+        report.setdefault("validation_perplexity", math.exp(validation_nll.mean().item()))
         rows[name] = {**report, "nll": nlls(model)}
-        probabilities = (-target_nlls(selection, validation, config.block_size, run.device)).exp().tolist()
+        probabilities = (-validation_nll).exp().tolist()
         weight, perplexities = baselines.tune_novel_weight(probabilities, never_seen_part[validation[1:]].tolist(),
                                                            int(never_seen_part.sum()))
         rows[f"{name}_novel_mass"] = {**report, "weight": weight, "validation_perplexity": perplexities[weight],
@@ -181,7 +228,8 @@ def decoder_rows(run, seed: int, names=None, log=print) -> dict:
 COMPARISONS = (("best", "kneser_ney"), ("best_novel_mass", "kneser_ney_novel_mass"),
                ("best_novel_class", "kneser_ney_novel_mass"), ("best_novel_class_half", "kneser_ney_novel_mass"),
                ("best_novel_class_half_novel_mass", "kneser_ney_novel_mass"),
-               ("best_novel_class_ema", "kneser_ney_novel_mass"))
+               ("best_novel_class_ema", "kneser_ney_novel_mass"),
+               *((f"{name}_novel_mass", "kneser_ney_novel_mass") for name in DECODERS if name.startswith("half_")))
 
 
 def summarise(rows: dict, target_buckets: dict) -> dict:
@@ -248,5 +296,5 @@ def report(result: dict, out, plots: bool, log=print):
         text = "\n\n".join(f"{test}\n\n{gap_table(rows, decoder, count)}" for test, rows in per_test.items())
         log(f"\n{comparison}\n\n{text}")
         utilities.write_text(out / f"gap_{decoder}_vs_{count}.md", text + "\n")
-    if plots:
+    if plots and result["gaps"]:
         plot_gap(result["gaps"], out / "gap.png")

@@ -20,6 +20,7 @@ import corpus
 import parallel as data_parallel
 from checkpointing import Checkpointer, StopRequest, TrainingInterrupted, identity
 from dataset import (
+    INPUT_NOISES,
     TEST_LM,
     TRAIN_LM,
     DataError,
@@ -29,6 +30,7 @@ from dataset import (
     consecutive_windows,
     encode_segments,
     load_speeches,
+    noised_batches,
     overlap_flags,
     split_lines,
     stratified_split,
@@ -69,6 +71,10 @@ class TrainingConfig:
     grad_accum: int = 1
     precision: str = "fp32"  # fp32 | bf16 | fp16: the dtype autocast gives the training forward pass
     compile: bool = False  # torch.compile the training steps (pays for long runs only: docs/training.md)
+    # language model: noise the training inputs (never the targets) at rate noise_gamma (Xie et al., 2017):
+    # none | unigram | blank | kneser_ney (dataset.INPUT_NOISES)
+    input_noise: str = "none"
+    noise_gamma: float = 0.0
 
     def validate(self) -> "TrainingConfig":
         for name in ("batch_size", "epochs", "max_iters", "eval_interval", "stop_after", "grad_accum"):
@@ -78,6 +84,9 @@ class TrainingConfig:
             raise ValueError(f"learning rate must be positive, got {self.learning_rate}")
         if not 0.0 <= self.validation_fraction < 0.5:
             raise ValueError(f"validation fraction must be in [0, 0.5), got {self.validation_fraction}")
+        if self.input_noise not in ("none", *INPUT_NOISES) or not 0.0 <= self.noise_gamma < 1.0:
+            raise ValueError(f"input noise must be none or one of {', '.join(INPUT_NOISES)} at a rate in [0, 1), "
+                             f"got {self.input_noise!r} at {self.noise_gamma}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         return self
@@ -522,6 +531,7 @@ def train_language_model(run: Run, config: TransformerConfig, training: Training
     if len(train_stream) <= config.block_size:
         raise DataError(f"train_LM.txt has {len(train_stream)} tokens, fewer than block_size + 1")
     batches = WindowBatches(train_stream, config.block_size, training.batch_size, torch.Generator().manual_seed(seed))
+    batches = noised_batches(batches, training.input_noise, training.noise_gamma, train_stream, config.vocab_size, seed)
     harness = harness or Harness()
     harness = replace(harness, identity=run_identity(run, "lm", config, training, seed, run.data.train_lm, harness))
 

@@ -21,6 +21,9 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--decoders", default=",".join(gap.DECODERS), help="comma-separated rows of gap.DECODERS")
     args = parser.parse_args()
+    unknown = [name for name in args.decoders.split(",") if name not in gap.DECODERS]
+    if unknown:
+        parser.error(f"unknown decoder row(s) {', '.join(unknown)}; the rows are {', '.join(gap.DECODERS)}")
     run = training.make_run(main.build_parser().parse_args(
         ["--part", "three", "--data-dir", str(args.data_dir), "--out", str(args.out), "--seed", str(args.seed)]))
     result = gap.study(run, args.seed, args.decoders.split(","))
