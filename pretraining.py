@@ -29,7 +29,7 @@ IGNORE = -100  # F.cross_entropy's ignore_index: positions that were not chosen 
 FIRST_WORD = UNK_ID + 1  # ids below are <pad> and <unk>; a random replacement is always a real word
 
 
-@dataclass
+@dataclass(frozen=True)
 class MaskingConfig:
     """The pretraining: BERT's masking proportions and the optimisation (AdamW, warm-up, cosine decay)."""
 
@@ -191,10 +191,11 @@ def from_encoder(encoder: Trunk):
 
 
 def train_pretrained_classifier(run, config: TransformerConfig, settings: training.TrainingConfig,
-                                masking: MaskingConfig, seed: int, log=print):
+                                masking: MaskingConfig, seed: int, log=print, pretrained: tuple | None = None):
     """Pretrain on the unlabelled text without the validation segments, then fine-tune with `settings` (selection
-    and refit both start from that encoder); return the classifier and its report, pretraining time included."""
-    mlm, pretraining = pretrain(run, config, masking, seed, validation_segments(run, settings), log)
+    and refit both start from that encoder); return the classifier and its report, pretraining time included.
+    pretrained: a (MaskedLM, report) that pretrain() returned for the same arguments, to fine-tune it again."""
+    mlm, pretraining = pretrained or pretrain(run, config, masking, seed, validation_segments(run, settings), log)
     model, report = training.train_classifier(run, with_mask_row(config, run.tokenizer), settings, seed, log,
                                               build_model=from_encoder(mlm.encoder.cpu()))
     report.update(pretraining=pretraining, fine_tune_seconds=report["train_seconds"],

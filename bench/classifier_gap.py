@@ -10,6 +10,8 @@ that is how the pretraining's steps and learning rate and the token dropout rate
 """
 
 import argparse
+import itertools
+import json
 import statistics
 import sys
 import time
@@ -31,9 +33,33 @@ ROWS = {"best": (False, False), "mlm": (True, False), "dropout": (False, True), 
 COLUMNS = ("test_accuracy", "test_accuracy_seen", "test_accuracy_unseen", "test_accuracy_unseen_both")
 
 
+def pretrained_encoder(run, config, settings, masking, seed: int, cache: Path) -> tuple:
+    """pretraining.pretrain's (MaskedLM, report) for these arguments, kept in `cache` so that the mlm and the
+    mlm+dropout rows of a seed pretrain once (pretraining is deterministic: the same weights either way)."""
+    path = cache / f"mlm_seed{seed}_steps{masking.steps}_lr{masking.learning_rate:g}_val{settings.validation_fraction:g}.pt"
+    if path.exists():
+        mlm_config, state, report = torch.load(path, weights_only=False)
+        mlm = pretraining.MaskedLM(mlm_config)
+        mlm.load_state_dict(state)
+        return mlm, report
+    mlm, report = pretraining.pretrain(run, config, masking, seed, pretraining.validation_segments(run, settings),
+                                       log=lambda *a, **k: None)
+    utilities.atomic_write(path, lambda temporary: torch.save((mlm.config, mlm.state_dict(), report), temporary))
+    return mlm, report
+
+
+def job_path(job: tuple, out: Path) -> Path:
+    """Where a final job's result is kept: a later invocation with more seeds or rows reuses it (runs are deterministic)."""
+    row, seed, masking, rate, _, _ = job
+    pretrain, drop = ROWS[row]
+    name = row + (f"_steps{masking.steps}_lr{masking.learning_rate:g}" if pretrain else "") + (f"_p{rate:g}" if drop else "")
+    return out / "runs" / f"{name}_seed{seed}.json"
+
+
 def train_row(job: tuple) -> tuple[tuple, dict]:
-    """One (row, seed, masking, token dropout, refit) job in a worker: figures, validation accuracy, probabilities."""
-    row, seed, masking, dropout_rate, refit = job
+    """One (row, seed, masking, token dropout, refit, cache folder) job in a worker: figures, validation accuracy,
+    probabilities; its seconds are the training's (pretraining included, even when it came from the cache)."""
+    row, seed, masking, dropout_rate, refit, cache = job
     run = experiments.worker_run()
     pretrain, drop = ROWS[row]
     config = training.model_config(run, "classifier", preset="best")
@@ -42,13 +68,14 @@ def train_row(job: tuple) -> tuple[tuple, dict]:
     quiet = lambda *a, **k: None  # noqa: E731
     started = time.perf_counter()
     if pretrain:
-        model, report = pretraining.train_pretrained_classifier(run, config, settings, masking, seed, log=quiet)
+        pretrained = pretrained_encoder(run, config, settings, masking, seed, cache)
+        model, report = pretraining.train_pretrained_classifier(run, config, settings, masking, seed, quiet, pretrained)
     else:
         model, report = training.train_classifier(run, config, settings, seed, log=quiet)
     selection = report.get("selection_epochs", report["epochs"])
     best = training.best_evaluation(selection)
     result = {"validation_accuracy": best["validation_accuracy"], "chosen_epoch": best["epoch"],
-              "seconds": time.perf_counter() - started}
+              "seconds": report["train_seconds"], "wall_seconds": time.perf_counter() - started}
     if pretrain:
         result["mlm"] = [{k: r[k] for k in ("step", "train_loss", "validation_loss")} for r in report["pretraining"]["history"]]
         result["pretraining_seconds"] = report["pretraining"]["seconds"]
@@ -80,7 +107,7 @@ def summarise(run, results: dict, seeds: list[int]) -> tuple[dict, str]:
     header = ["classifier", "validation acc %", "test acc %", "seen %", "unseen %", "in neither %", "seconds per seed"]
     for row, entry in summary.items():
         lines.append([row, cell(entry["validation_accuracy"]), *(cell(entry[key]) for key in COLUMNS), cell(entry["seconds"])])
-    for row, entry in summary.items():
+    for row, entry in summary.items() if len(seeds) > 1 else ():
         mark = " (best on validation)" if row == chosen else ""
         lines.append([f"{row}, ensemble of {len(seeds)}{mark}", "", *(f"{entry['ensemble'][key]:.2f}" for key in COLUMNS),
                       f"{sum(entry['seconds']['values']):.0f} (all seeds)"])
@@ -120,7 +147,7 @@ def jobs_of(args) -> list[tuple]:
         pretrain, drop = ROWS[row]
         for masking in maskings if pretrain else maskings[:1]:
             for rate in dropouts if drop else dropouts[:1]:
-                jobs += [(row, seed, masking, rate, not args.tune) for seed in seeds]
+                jobs += [(row, seed, masking, rate, not args.tune, args.out / "pretrained") for seed in seeds]
     return jobs
 
 
@@ -133,20 +160,30 @@ def main_bench(argv=None) -> int:
     except ValueError as error:  # DataError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         return 2
-    started, results, tuning = time.perf_counter(), {}, []
-    for (row, seed, masking, rate, _), result in experiments.map_jobs(run_args, jobs, args.workers, train_row):
+    started, done, tuning = time.perf_counter(), {}, []
+    kept = {} if args.tune else {job: json.loads(job_path(job, args.out).read_text()) for job in jobs
+                                 if job_path(job, args.out).exists()}
+    fresh = experiments.map_jobs(run_args, [job for job in jobs if job not in kept], args.workers, train_row)
+    for job, result in itertools.chain(kept.items(), fresh):  # fresh results print and save as they come
+        row, seed, masking, rate, *_ = job
+        if not args.tune and job not in kept:
+            utilities.write_json(job_path(job, args.out), result)
         pretrain, drop = ROWS[row]
         label = (row + (f" steps={masking.steps} lr={masking.learning_rate:g}" if pretrain else "")
                  + (f" p={rate:g}" if drop else ""))
         mlm = f", MLM validation loss {result['mlm'][-1]['validation_loss']:.3f}" if pretrain else ""
         print(f"{label:40s} seed {seed}: validation {result['validation_accuracy']:.2f}% (epoch {result['chosen_epoch']})"
-              f"{mlm}, {result['seconds']:.0f} s" + ("" if args.tune else f", test {result['test_accuracy']:.2f}%"), flush=True)
+              f"{mlm}, {result['seconds']:.0f} s" + ("" if args.tune else f", test {result['test_accuracy']:.2f}%")
+              + (" (kept from an earlier invocation)" if job in kept else ""), flush=True)
         tuning.append({"row": label, "seed": seed, **{k: v for k, v in result.items() if k != "probabilities"}})
-        results.setdefault(row, []).append(result)
+        done[job] = result
     if args.tune:
         path = utilities.write_json(args.out / "classifier_gap_tune.json", tuning)
         print(f"wrote {path} ({time.perf_counter() - started:.0f} s)")
         return 0
+    results = {}
+    for job in sorted(jobs, key=lambda job: list(ROWS).index(job[0])):  # the table's rows in ROWS's order
+        results.setdefault(job[0], []).append(done[job])
     summary, table = summarise(run, results, [int(s) for s in args.seeds.split(",")])
     print(table)
     utilities.write_text(args.out / "classifier_gap.md", table + "\n")
