@@ -184,6 +184,38 @@ class EpochBatches:
         self.position = state["position"]
 
 
+def drop_tokens(ids: torch.Tensor, rate: float, generator: torch.Generator, replacement: int = UNK_ID,
+                pad_id: int = PAD_ID) -> torch.Tensor:
+    """A copy of (B, T) ids with each non-padding token replaced by `replacement` with probability `rate`."""
+    dropped = (torch.rand(ids.shape, generator=generator) < rate) & (ids != pad_id)  # (B, T)
+    return ids.masked_fill(dropped, replacement)
+
+
+class TokenDropout:
+    """The (ids, labels) batches of another batch iterator, with token dropout (drop_tokens) on the ids.
+
+    Dropped words become <unk> rather than disappear: the word vocabulary is built from the training text, so
+    <unk> never occurs in training and its embedding stays at its initial value, yet it stands for every
+    out-of-vocabulary word of the test segments; replacing trains it as "some word the model cannot read"."""
+
+    def __init__(self, batches, rate: float, generator: torch.Generator):
+        self.batches, self.rate, self.generator = batches, rate, generator
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        ids, labels = next(self.batches)
+        return drop_tokens(ids, self.rate, self.generator), labels
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict):
+        self.batches.load_state_dict(state["batches"])
+        self.generator.set_state(state["generator"])
+
+
 class WindowBatches:
     """Endless batches of random windows of a token stream (see random_windows), with a savable generator."""
 

@@ -26,6 +26,7 @@ from dataset import (
     DataError,
     EpochBatches,
     LabelledSegments,
+    TokenDropout,
     WindowBatches,
     consecutive_windows,
     encode_segments,
@@ -75,6 +76,9 @@ class TrainingConfig:
     # none | unigram | blank | kneser_ney (dataset.INPUT_NOISES)
     input_noise: str = "none"
     noise_gamma: float = 0.0
+    # classifier only: replace each real input token of a training batch by <unk> with this probability
+    # (word dropout; docs/classifier_gap.md); 0 leaves the batches untouched
+    token_dropout: float = 0.0
 
     def validate(self) -> "TrainingConfig":
         for name in ("batch_size", "epochs", "max_iters", "eval_interval", "stop_after", "grad_accum"):
@@ -82,6 +86,8 @@ class TrainingConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning rate must be positive, got {self.learning_rate}")
+        if not 0.0 <= self.token_dropout < 1.0:
+            raise ValueError(f"token dropout must be in [0, 1), got {self.token_dropout}")
         if not 0.0 <= self.validation_fraction < 0.5:
             raise ValueError(f"validation fraction must be in [0, 0.5), got {self.validation_fraction}")
         if self.input_noise not in ("none", *INPUT_NOISES) or not 0.0 <= self.noise_gamma < 1.0:
@@ -414,11 +420,15 @@ def classifier_report(run: Run, probabilities: torch.Tensor) -> dict:
     return report
 
 
+TOKEN_DROPOUT_SEED = 7919  # the dropout draws' generator: seed + this, a stream apart from the shuffle's
+
+
 def train_classifier(run: Run, config: TransformerConfig, training: TrainingConfig, seed: int, log=print,
-                     harness: Harness | None = None):
-    """Train the encoder classifier; return the model and its report (per-epoch table, accuracies)."""
+                     harness: Harness | None = None, build_model=None):
+    """Train the encoder classifier; return the model and its report (per-epoch table, accuracies).
+    build_model(config), if given, makes the classifier (pretraining.py's starts from a pretrained encoder)."""
     torch.manual_seed(seed)
-    model = TransformerClassifier(config).to(run.device)
+    model = (build_model(config) if build_model else TransformerClassifier(config)).to(run.device)
     train_ids, train_labels = classifier_tensors(run, run.data.train_cls, config.block_size)
     test_ids, test_labels = classifier_tensors(run, run.data.test_cls, config.block_size)
     validation = None
@@ -427,6 +437,8 @@ def train_classifier(run: Run, config: TransformerConfig, training: TrainingConf
         validation = (train_ids[held_out], train_labels[held_out])
         train_ids, train_labels = train_ids[kept], train_labels[kept]
     batches = EpochBatches(train_ids, train_labels, training.batch_size, torch.Generator().manual_seed(seed))
+    if training.token_dropout > 0:
+        batches = TokenDropout(batches, training.token_dropout, torch.Generator().manual_seed(seed + TOKEN_DROPOUT_SEED))
     steps_per_epoch = math.ceil(len(train_ids) / training.batch_size)
     harness = harness or Harness()
     data = "\n".join(f"{label}\t{text}" for label, text in zip(run.data.train_cls.labels, run.data.train_cls.texts))
@@ -455,7 +467,8 @@ def train_classifier(run: Run, config: TransformerConfig, training: TrainingConf
         chosen = best_evaluation(epochs)["epoch"]
         log(f"validation chose {chosen} epochs: retraining on the whole training file")
         refit = replace(training, stop_after=chosen, validation_fraction=0.0, refit=False)
-        model, report = train_classifier(run, config, refit, seed, log, harness.without_checkpoints(f"{harness.name}_refit"))
+        model, report = train_classifier(run, config, refit, seed, log, harness.without_checkpoints(f"{harness.name}_refit"),
+                                         build_model)
         report.update(selection_epochs=epochs, chosen_epochs=chosen, train_seconds=seconds + report["train_seconds"],
                       model=f"retrained on all of train_CLS.tsv for the {chosen} epochs validation chose")
         return model, report
