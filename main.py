@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     explore.add_argument("--t5", action="store_true",
                          help="also train a T5-style encoder-decoder on span corruption (encoder_decoder.py, seq2seq.py)")
     explore.add_argument("--gap", action="store_true",
-                         help="also the gap to Kneser-Ney by word frequency, with the novel-word rows (docs/gap.md)")
+                         help="also the gap to Kneser-Ney by word frequency, with the headline decoder rows (docs/gap.md)")
     explore.add_argument("--seeds", type=int, default=3, help="seeds per variant (from --seed on)")
     explore.add_argument("--workers", type=int,
                          help="worker processes (default: one per core, at most 2; 1: train in this process)")
