@@ -82,13 +82,10 @@ def save_model(run: Run, model, task: str, metrics: dict):
         print(f"saved checkpoint to {path}")
 
 
-def harness(run: Run, part: str, course: TrainingConfig) -> training.Harness:
+def harness(run: Run, part: str) -> training.Harness:
     """Checkpoints, progress, logs and data parallel processes for a part's training, from the flags."""
-    args = run.args
-    resumable = not course.refit  # a refit is a second training in the same command: not resumable (yet)
-    if not resumable and (args.checkpoint_every or args.resume):
-        raise ValueError("--checkpoint-every and --resume need a run without a refit (the best preset refits)")
-    return training.Harness(name=f"part_{part}", checkpoint_dir=args.out / f"checkpoint_part_{part}" if resumable else None,
+    args = run.args  # a refit preset's second training checkpoints into a refit/ folder inside the first's
+    return training.Harness(name=f"part_{part}", checkpoint_dir=args.out / f"checkpoint_part_{part}",
                             checkpoint_every=args.checkpoint_every, resume=args.resume, log_dir=args.log_dir,
                             progress_bar=not args.quiet and sys.stderr.isatty(), parallel=run.parallel)
 
@@ -97,7 +94,7 @@ def part_one(run: Run) -> tuple[dict, list[str]]:
     """Encoder + classifier: per-epoch table, final, seen and unseen test accuracy."""
     course = training_config(run, "classifier")
     model, report = train_classifier(run, model_config(run, "classifier"), course, run.args.seed,
-                                     harness=harness(run, "one", course))
+                                     harness=harness(run, "one"))
     failures = check_attention(run, model, False, "part1_encoder")
     result = {"vocab_size": run.tokenizer.vocab_size, "tokenizer": run.args.tokenizer, **report,
               "extra": extra_accuracy(run, model)}
@@ -131,7 +128,7 @@ def plot_perplexities(run: Run, reports: dict, path: Path, title: str):
 def part_two(run: Run) -> tuple[dict, list[str]]:
     """Decoder language model: perplexity every eval_interval iterations."""
     course = training_config(run, "lm")
-    model, report = train_language_model(run, model_config(run, "lm"), course, run.args.seed, harness=harness(run, "two", course))
+    model, report = train_language_model(run, model_config(run, "lm"), course, run.args.seed, harness=harness(run, "two"))
     failures = check_attention(run, model, True, "part2_decoder")
     result = {"vocab_size": run.tokenizer.vocab_size, "tokenizer": run.args.tokenizer, **report,
               "extra": extra_perplexity(run, model)}

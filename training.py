@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import corpus
 import parallel as data_parallel
-from checkpointing import Checkpointer, StopRequest, TrainingInterrupted, identity
+from checkpointing import STATE_FILE, Checkpointer, StopRequest, TrainingInterrupted, identity
 from dataset import (
     INPUT_NOISES,
     TEST_LM,
@@ -211,6 +211,9 @@ def training_config(run: Run, task: str, preset: str | None = None) -> TrainingC
     return replace(TrainingConfig(), **{**preset, **flags(run.args, TRAINING_FLAGS), **flags(run.args, RUN_FLAGS)}).validate()
 
 
+REFIT_FOLDER = "refit"  # inside a selection run's checkpoint folder: the refit's checkpoints
+
+
 @dataclass
 class Harness:
     """How a training runs, never what it learns: checkpoints, progress and logs, data parallel processes."""
@@ -223,10 +226,17 @@ class Harness:
     progress_bar: bool = False
     parallel: Parallel = SINGLE
     identity: dict = field(default_factory=dict)  # what a checkpoint must match (set by the train_* functions)
+    command_checkpoint: Path | None = None  # the folder --resume takes for the whole command (None: checkpoint_dir)
+    save_last: bool = False  # also a checkpoint of the last step: a selection run's, which its refit resumes after
 
-    def without_checkpoints(self, name: str) -> "Harness":
-        """The same harness for a second training of the same command (a refit), which is not resumable."""
-        return replace(self, name=name, checkpoint_dir=None, checkpoint_every=0, resume=None)
+    def for_refit(self, name: str) -> "Harness":
+        """The harness of the refit that follows a selection run in the same command: its checkpoints go to a
+        `refit` folder inside the selection's, and it resumes from the resumed folder's `refit` when there is one
+        (otherwise the refit starts afresh after the selection, which resumes from its own checkpoint)."""
+        resume = self.resume / REFIT_FOLDER if self.resume is not None else None
+        return replace(self, name=name, checkpoint_dir=self.checkpoint_dir and self.checkpoint_dir / REFIT_FOLDER,
+                       resume=resume if resume is not None and (resume / STATE_FILE).is_file() else None,
+                       command_checkpoint=self.command_checkpoint or self.checkpoint_dir)
 
 
 def run_identity(run: Run, task: str, config: TransformerConfig, training: TrainingConfig, seed: int, data: str,
@@ -364,11 +374,12 @@ def fit(model, batches, steps: int, eval_every: int, evaluate, training: Trainin
             logger.step(step, loss, learning_rate)
             if step % eval_every == 0 or step == last:
                 record_evaluation(state, model, evaluate, logger, parallel)
-            if checkpointer is not None and (stopping or checkpointer.due(step)):
+            if checkpointer is not None and (stopping or checkpointer.due(step) or (harness.save_last and step == last)):
                 progress = {"history": state.history, "running": state.running, "best": state.best}
                 checkpointer.save(step, components, progress)
             if stopping and step < last:  # at the last step the run may as well finish
-                raise TrainingInterrupted(stop.signal_number or signal.SIGINT, step, last, checkpointer.directory)
+                raise TrainingInterrupted(stop.signal_number or signal.SIGINT, step, last,
+                                          harness.command_checkpoint or checkpointer.directory)
     model.eval()
     if state.best is not None:  # early stopping: the weights of the best validation evaluation
         model.load_state_dict(state.best[1])
@@ -442,7 +453,8 @@ def train_classifier(run: Run, config: TransformerConfig, training: TrainingConf
     steps_per_epoch = math.ceil(len(train_ids) / training.batch_size)
     harness = harness or Harness()
     data = "\n".join(f"{label}\t{text}" for label, text in zip(run.data.train_cls.labels, run.data.train_cls.texts))
-    harness = replace(harness, identity=run_identity(run, "classifier", config, training, seed, data, harness))
+    harness = replace(harness, identity=run_identity(run, "classifier", config, training, seed, data, harness),
+                      save_last=validation is not None and training.refit)
 
     def evaluate(step, epoch_steps):
         # train loss and accuracy are running figures over the epoch's batches (free, unlike a second pass)
@@ -467,7 +479,7 @@ def train_classifier(run: Run, config: TransformerConfig, training: TrainingConf
         chosen = best_evaluation(epochs)["epoch"]
         log(f"validation chose {chosen} epochs: retraining on the whole training file")
         refit = replace(training, stop_after=chosen, validation_fraction=0.0, refit=False)
-        model, report = train_classifier(run, config, refit, seed, log, harness.without_checkpoints(f"{harness.name}_refit"),
+        model, report = train_classifier(run, config, refit, seed, log, harness.for_refit(f"{harness.name}_refit"),
                                          build_model)
         report.update(selection_epochs=epochs, chosen_epochs=chosen, train_seconds=seconds + report["train_seconds"],
                       model=f"retrained on all of train_CLS.tsv for the {chosen} epochs validation chose")
@@ -546,7 +558,8 @@ def train_language_model(run: Run, config: TransformerConfig, training: Training
     batches = WindowBatches(train_stream, config.block_size, training.batch_size, torch.Generator().manual_seed(seed))
     batches = noised_batches(batches, training.input_noise, training.noise_gamma, train_stream, config.vocab_size, seed)
     harness = harness or Harness()
-    harness = replace(harness, identity=run_identity(run, "lm", config, training, seed, run.data.train_lm, harness))
+    harness = replace(harness, identity=run_identity(run, "lm", config, training, seed, run.data.train_lm, harness),
+                      save_last=validation_stream is not None and training.refit)
 
     def evaluate(step, recent_steps):
         row = {"iteration": step, "train_loss": sum(loss for loss, _, _ in recent_steps) / len(recent_steps),
@@ -573,7 +586,7 @@ def train_language_model(run: Run, config: TransformerConfig, training: Training
         log(f"validation chose {chosen} iterations: retraining on the whole of train_LM.txt")
         # the refit keeps the evaluation interval: its own curve, and no effect on its weights (evaluation draws nothing)
         refit = replace(training, stop_after=chosen, validation_fraction=0.0, refit=False)
-        model, final = train_language_model(run, config, refit, seed, log, harness.without_checkpoints(f"{harness.name}_refit"),
+        model, final = train_language_model(run, config, refit, seed, log, harness.for_refit(f"{harness.name}_refit"),
                                             build_model)
         final["final"]["model"] = f"retrained on all of train_LM.txt for the {chosen} iterations validation chose"
         final.update(selection_evals=evals, best_iteration=chosen, refit=True,

@@ -125,6 +125,30 @@ def test_main_resumed_from_a_checkpoint_reports_the_numbers_of_the_whole_run(sma
     assert without_times(resumed) == without_times(whole)
 
 
+@pytest.mark.parametrize("part,argv", [
+    ("one", ["--epochs", "3", "--batch-size", "16", "--checkpoint-every", "20"]),  # 360 selection segments: 23 steps an epoch
+    ("two", ["--max-iters", "20", "--eval-interval", "10", "--checkpoint-every", "7"]),
+])
+def test_a_refit_preset_resumes_both_of_its_trainings(small_data, tmp_path, capsys, part, argv):
+    """Under --preset best the selection run and the refit each leave checkpoints (the refit's in refit/, the
+    selection's also of its last step); resumed from the whole run's folder, the selection is restored as it ended,
+    the refit goes on from its last checkpoint, and the report is the whole run's."""
+    common = ["--part", part, "--data-dir", str(small_data), *SMALL, "--preset", "best", *argv]
+    assert main.main([*common, "--out", str(tmp_path / "whole")]) == 0
+    checkpoint = tmp_path / "whole" / f"checkpoint_part_{part}"
+    selection_step = torch.load(checkpoint / STATE_FILE, weights_only=True)["step"]
+    refit_step = torch.load(checkpoint / "refit" / STATE_FILE, weights_only=True)["step"]
+    whole = json.loads((tmp_path / "whole" / f"part_{part}.json").read_text())
+    last = {"one": lambda: 23 * len(whole["selection_epochs"]), "two": lambda: whole["selection_evals"][-1]["iteration"]}
+    refit_last = {"one": lambda: 25 * whole["chosen_epochs"], "two": lambda: whole["best_iteration"]}
+    assert selection_step == last[part]() and 0 < refit_step < refit_last[part]()  # the refit resumes mid-way
+    capsys.readouterr()
+    assert main.main([*common, "--out", str(tmp_path / "resumed"), "--resume", str(checkpoint)]) == 0
+    assert capsys.readouterr().out.count("resuming from") == 2
+    resumed = json.loads((tmp_path / "resumed" / f"part_{part}.json").read_text())
+    assert without_times(resumed) == without_times(whole)
+
+
 def test_resuming_another_configuration_or_code_version_gives_one_line_and_status_2(small_data, tmp_path, capsys):
     common = ["--part", "two", "--data-dir", str(small_data), "--out", str(tmp_path), *TINY, "--max-iters", "6",
               "--eval-interval", "6"]
