@@ -111,22 +111,40 @@ def attention_check(model, tokenizer, text: str, causal: bool, device, heatmap_d
 
 def save_attention_heatmaps(attentions, tokens: list[str], out_dir: Path, prefix: str) -> list[Path]:
     """One PNG per layer and head of the first sequence, tokens on both axes."""
-    paths = []
-    for layer, maps in enumerate(attentions):
-        for head in range(maps.shape[1]):
-            matrix = maps[0, head].detach().cpu()[: len(tokens), : len(tokens)].numpy()
-            size = 2.5 + 0.22 * len(tokens)
-            figure, axes = pyplot().subplots(figsize=(size, size))
-            image = axes.imshow(matrix, cmap="viridis", vmin=0.0, vmax=1.0)
-            axes.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=7)
-            axes.set_yticks(range(len(tokens)), tokens, fontsize=7)
-            axes.set_xlabel("key")
-            axes.set_ylabel("query")
-            axes.set_title(f"{prefix}: layer {layer + 1}, head {head + 1}")
-            figure.colorbar(image, ax=axes, fraction=0.046)
-            figure.tight_layout()
-            paths.append(save_figure(figure, Path(out_dir) / f"{prefix}_layer{layer + 1}_head{head + 1}.png"))
-    return paths
+    from PIL import Image  # matplotlib's own PNG writer
+
+    # Every map has the same axes, ticks, labels and colour bar, and drawing those (64 tick labels) is most of the
+    # cost: they are drawn once, and each map only redraws its image, spines and title over a copy of that
+    # background ("blitting"; a figure of its own per map took ~0.2 s a map, this ~0.03 s).
+    n = len(tokens)
+    size = 2.5 + 0.22 * n
+    figure, axes = pyplot().subplots(figsize=(size, size), dpi=110)
+    try:
+        image = axes.imshow(torch.zeros(n, n).numpy(), cmap="viridis", vmin=0.0, vmax=1.0, animated=True)
+        axes.set_xticks(range(n), tokens, rotation=90, fontsize=7)
+        axes.set_yticks(range(n), tokens, fontsize=7)
+        axes.set_xlabel("key")
+        axes.set_ylabel("query")
+        title = axes.set_title(f"{prefix}: layer 1, head 1", animated=True)
+        figure.colorbar(image, ax=axes, fraction=0.046)
+        figure.tight_layout()
+        canvas = figure.canvas
+        canvas.draw()  # everything but the animated image and title
+        background = canvas.copy_from_bbox(figure.bbox)
+        paths = []
+        for layer, maps in enumerate(attentions):
+            for head in range(maps.shape[1]):
+                canvas.restore_region(background)
+                image.set_data(maps[0, head].detach().cpu()[:n, :n].numpy())
+                title.set_text(f"{prefix}: layer {layer + 1}, head {head + 1}")
+                for artist in (image, *axes.spines.values(), title):
+                    axes.draw_artist(artist)
+                picture = Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba(), "raw", "RGBA", 0, 1)
+                path = Path(out_dir) / f"{prefix}_layer{layer + 1}_head{head + 1}.png"
+                paths.append(atomic_write(path, picture.save))
+        return paths
+    finally:
+        pyplot().close(figure)
 
 
 # ---------------------------------------------------------------- plots

@@ -3,6 +3,10 @@ which must leave the base model's outputs exactly as the formulation they replac
 
 import itertools
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,3 +153,37 @@ def test_the_evaluation_batch_size_does_not_change_the_summed_loss():
     for batch_size in (1, 16, 128):
         total, count = negative_log_likelihood(model, stream, 8, "cpu", batch_size)
         assert count == len(stream) - 1 and total == pytest.approx(brute.item(), rel=1e-6)
+
+
+# ---------------------------------------------------------------- the allocator
+
+FAULTS_OF_TEN_STEPS = """
+import resource, sys, torch
+import main
+if sys.argv[1] == "keep":
+    main.keep_freed_memory()
+def step():  # three arrays the size of a course decoder's logits alive at once, then freed, as in a training step
+    logits = torch.ones(512, 5635)
+    probabilities = logits.softmax(-1)
+    return (probabilities - 1).sum().item()
+for _ in range(3):  # the heap grows to its size
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings (Linux)")
+def test_keeping_freed_memory_stops_each_step_from_faulting_its_arrays_back_in():
+    env = {name: value for name, value in os.environ.items() if not name.startswith("MALLOC_")}
+    # glibc's own starting point, 128 KiB, held fixed: its default moves the threshold with what was freed,
+    # so whether a given step faults depends on the allocations before it; fixed, every step does
+    settings = {"keep": env, "default": {**env, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}}
+    faults = {how: int(subprocess.run([sys.executable, "-c", FAULTS_OF_TEN_STEPS, how], env=settings[how], check=True,
+                                      capture_output=True, text=True, cwd=Path(main.__file__).parent).stdout)
+              for how in settings}
+    pages = 512 * 5635 * 4 // 4096  # of one array
+    assert faults["default"] > 10 * pages  # every step faults its arrays in anew
+    assert faults["keep"] <= 2 * pages + 50  # kept, the pages are reused (at most two arrays' worth are new)

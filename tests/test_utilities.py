@@ -2,9 +2,11 @@
 
 import json
 
+import numpy
 import pytest
 import torch
 
+import utilities
 from utilities import atomic_write, check_attention, markdown_table, write_json
 
 
@@ -45,3 +47,41 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
 def test_markdown_table_formats_floats_and_integers():
     table = markdown_table(["name", "count", "score", "flag"], [["a", 1234567, 0.5, True]])
     assert table.splitlines() == ["| name | count | score | flag |", "|---|---|---|---|", "| a | 1,234,567 | 0.50 | True |"]
+
+
+def full_draw(matrix, tokens, title, path):
+    """The heatmap drawn the plain way, a figure of its own drawn whole by savefig: the reference for the blitted ones."""
+    plt = utilities.pyplot()
+    n = len(tokens)
+    figure, axes = plt.subplots(figsize=(2.5 + 0.22 * n,) * 2, dpi=110)
+    image = axes.imshow(matrix, cmap="viridis", vmin=0.0, vmax=1.0)
+    axes.set_xticks(range(n), tokens, rotation=90, fontsize=7)
+    axes.set_yticks(range(n), tokens, fontsize=7)
+    axes.set_xlabel("key")
+    axes.set_ylabel("query")
+    axes.set_title(title)
+    figure.colorbar(image, ax=axes, fraction=0.046)
+    figure.tight_layout()
+    utilities.save_figure(figure, path)
+
+
+def test_each_heatmap_shows_its_own_map_as_a_whole_drawing_would(tmp_path):
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    tokens = ["the", "nation", "is", "strong", "<pad>", "again"]
+    maps = [torch.rand(1, 2, 6, 6, generator=generator).softmax(-1) for _ in range(2)]  # 2 layers x 2 heads
+    paths = utilities.save_attention_heatmaps(maps, tokens, tmp_path, "test")
+    assert [p.name for p in paths] == [f"test_layer{layer}_head{head}.png" for layer in (1, 2) for head in (1, 2)]
+    pixels = lambda path: torch.from_numpy(numpy.asarray(Image.open(path).convert("RGB"), dtype="int16"))  # noqa: E731
+    references = []
+    for index in range(len(paths)):
+        layer, head = divmod(index, 2)
+        references.append(tmp_path / f"reference_{index}.png")
+        full_draw(maps[layer][0, head].numpy(), tokens, f"test: layer {layer + 1}, head {head + 1}", references[-1])
+    differing = lambda a, b: (pixels(a) - pixels(b)).abs().amax(-1).gt(8).float().mean().item()  # noqa: E731
+    for index, path in enumerate(paths):
+        assert pixels(path).shape == pixels(references[index]).shape
+        # the same picture but for the anti-aliased spines, which the blitted map redraws over its image (~0.6%)
+        assert differing(path, references[index]) < 0.01
+        assert differing(path, references[(index + 1) % len(paths)]) > 0.1  # another head's map is not it
