@@ -1,10 +1,10 @@
-"""Averaging for the decoder (issue 13): an exponential moving average of the weights along one run, and an
-ensemble that averages the next-word probabilities of decoders trained with different seeds.
+"""Averaging (issue 13): an exponential moving average of the weights along one run, and an ensemble that
+averages the next-word probabilities of decoders trained with different seeds.
 
-`WeightAverage` wraps a decoder: in training mode it is the decoder, and before each training step it folds the
-current weights (those after the previous optimizer step) into the average; in evaluation mode it runs the
-averaged copy. So training.train_language_model evaluates, selects and refits on the averaged weights without a
-change to its loop (pass `ema_builder(decay)` as its build_model).
+`WeightAverage` wraps a decoder or a classifier: in training mode it is the model, and before each training step
+it folds the current weights (those after the previous optimizer step) into the average; in evaluation mode it
+runs the averaged copy. So training.train_language_model and training.train_classifier evaluate, select and refit
+on the averaged weights without a change to their loop (pass `ema_builder(decay)` as their build_model).
 """
 
 import math
@@ -18,7 +18,7 @@ from transformer import Output, TransformerConfig, TransformerLM
 
 
 class WeightAverage(nn.Module):
-    """A decoder trained as usual whose evaluations use an exponential moving average of its weights."""
+    """A model trained as usual whose evaluations use an exponential moving average of its weights."""
 
     def __init__(self, model: nn.Module, decay: float):
         super().__init__()
@@ -31,20 +31,21 @@ class WeightAverage(nn.Module):
     def config(self) -> TransformerConfig:
         return self.model.config
 
-    def forward(self, idx, targets=None, caches=None, return_attention=False) -> Output:
-        """Training: the live decoder (after averaging in its weights); evaluation: the averaged copy."""
+    def forward(self, *args, **kwargs) -> Output:
+        """Training: the live model (after averaging in its weights); evaluation: the averaged copy."""
         if self.training:
             with torch.no_grad():
                 self.average.update_parameters(self.model)
-            return self.model(idx, targets, caches, return_attention)
-        return self.average.module(idx, targets, caches, return_attention)
+            return self.model(*args, **kwargs)
+        return self.average.module(*args, **kwargs)
 
 
-def ema_builder(decay: float, inner=None):
-    """A model factory for training.train_language_model: the decoder `inner` builds (a TransformerLM by default),
-    evaluated through the moving average of its weights."""
-    def build(config, train_stream):
-        return WeightAverage(inner(config, train_stream) if inner else TransformerLM(config), decay)
+def ema_builder(decay: float, inner=None, model_class=TransformerLM):
+    """A model factory for training.train_language_model (build(config, train_stream)) or train_classifier
+    (build(config)): the model `inner` builds (a `model_class` by default), evaluated through the moving average
+    of its weights."""
+    def build(config, *data):
+        return WeightAverage(inner(config, *data) if inner else model_class(config), decay)
     return build
 
 

@@ -1,12 +1,14 @@
 """The classifier's gap to naive Bayes (issue 13): the `best` preset alone, with MLM pretraining, with token
-dropout, with both, and seed ensembles; docs/classifier_gap.md's table comes from this script.
+dropout, with both, each also with an exponential moving average of its weights (checkpoint averaging along the
+run), and seed ensembles; docs/classifier_gap.md's table comes from this script.
 
     OMP_NUM_THREADS=1 python bench/classifier_gap.py --data-dir DIR --out results/classifier_gap [--seeds 42,43,44]
     OMP_NUM_THREADS=1 python bench/classifier_gap.py --data-dir DIR --tune --mlm-steps 1000,2500 --mlm-lr 1e-3,3e-3
+    OMP_NUM_THREADS=1 python bench/classifier_gap.py --data-dir DIR --tune --rows dropout+ema --ema-decay 0.99,0.998
 
 Every row fine-tunes with training.PRESETS["best"] (selection run on the stratified 10% validation split, refit on
 all of train_CLS.tsv). --tune runs selection runs only (no refit) on a grid and prints validation figures only:
-that is how the pretraining's steps and learning rate and the token dropout rate were chosen.
+that is how the pretraining's steps and learning rate, the token dropout rate and the average's decay were chosen.
 """
 
 import argparse
@@ -16,20 +18,26 @@ import statistics
 import sys
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import averaging
 import experiments
 import main
 import pretraining
 import training
 import utilities
+from transformer import TransformerClassifier
 
-# row -> (pretrain the encoder first, token dropout on); the rates come from the command line
-ROWS = {"best": (False, False), "mlm": (True, False), "dropout": (False, True), "mlm+dropout": (True, True)}
+# row -> (pretrain the encoder first, token dropout on, evaluate a moving average of the weights); the rates and the
+# decay come from the command line
+ROWS = {"best": (False, False, False), "mlm": (True, False, False), "dropout": (False, True, False),
+        "mlm+dropout": (True, True, False), "dropout+ema": (False, True, True), "mlm+ema": (True, False, True),
+        "mlm+dropout+ema": (True, True, True)}
 COLUMNS = ("test_accuracy", "test_accuracy_seen", "test_accuracy_unseen", "test_accuracy_unseen_both")
 
 
@@ -50,18 +58,20 @@ def pretrained_encoder(run, config, settings, masking, seed: int, cache: Path) -
 
 def job_path(job: tuple, out: Path) -> Path:
     """Where a final job's result is kept: a later invocation with more seeds or rows reuses it (runs are deterministic)."""
-    row, seed, masking, rate, _, _ = job
-    pretrain, drop = ROWS[row]
-    name = row + (f"_steps{masking.steps}_lr{masking.learning_rate:g}" if pretrain else "") + (f"_p{rate:g}" if drop else "")
+    row, seed, masking, rate, decay, _, _ = job
+    pretrain, drop, average = ROWS[row]
+    name = (row + (f"_steps{masking.steps}_lr{masking.learning_rate:g}" if pretrain else "") + (f"_p{rate:g}" if drop else "")
+            + (f"_ema{decay:g}" if average else ""))
     return out / "runs" / f"{name}_seed{seed}.json"
 
 
 def train_row(job: tuple) -> tuple[tuple, dict]:
-    """One (row, seed, masking, token dropout, refit, cache folder) job in a worker: figures, validation accuracy,
-    probabilities; its seconds are the training's (pretraining included, even when it came from the cache)."""
-    row, seed, masking, dropout_rate, refit, cache = job
+    """One (row, seed, masking, token dropout, decay, refit, cache folder) job in a worker: figures, validation
+    accuracy, probabilities; its seconds are the training's (pretraining included, even when it came from the cache)."""
+    row, seed, masking, dropout_rate, decay, refit, cache = job
     run = experiments.worker_run()
-    pretrain, drop = ROWS[row]
+    pretrain, drop, average = ROWS[row]
+    wrap = partial(averaging.ema_builder, decay, model_class=TransformerClassifier) if average else None
     config = training.model_config(run, "classifier", preset="best")
     settings = replace(training.training_config(run, "classifier", preset="best"), refit=refit,
                        token_dropout=dropout_rate if drop else 0.0)
@@ -69,9 +79,9 @@ def train_row(job: tuple) -> tuple[tuple, dict]:
     started = time.perf_counter()
     if pretrain:
         pretrained = pretrained_encoder(run, config, settings, masking, seed, cache)
-        model, report = pretraining.train_pretrained_classifier(run, config, settings, masking, seed, quiet, pretrained)
+        model, report = pretraining.train_pretrained_classifier(run, config, settings, masking, seed, quiet, pretrained, wrap)
     else:
-        model, report = training.train_classifier(run, config, settings, seed, log=quiet)
+        model, report = training.train_classifier(run, config, settings, seed, log=quiet, build_model=wrap and wrap(None))
     selection = report.get("selection_epochs", report["epochs"])
     best = training.best_evaluation(selection)
     result = {"validation_accuracy": best["validation_accuracy"], "chosen_epoch": best["epoch"],
@@ -127,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mlm-steps", default="2000", help="pretraining steps (a list with --tune)")
     parser.add_argument("--mlm-lr", default="1e-3", help="pretraining learning rate (a list with --tune)")
     parser.add_argument("--token-dropout", default="0.1", help="token dropout rate (a list with --tune)")
+    parser.add_argument("--ema-decay", default="0.99", help="the weight average's decay per step (a list with --tune)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes, one thread each")
     parser.add_argument("--tune", action="store_true", help="selection runs on the grid, validation figures only")
     return parser
@@ -139,15 +150,18 @@ def jobs_of(args) -> list[tuple]:
     if unknown:
         raise ValueError(f"unknown row {unknown[0]!r}; choose from {', '.join(ROWS)}")
     steps, rates, dropouts = [int(v) for v in floats(args.mlm_steps)], floats(args.mlm_lr), floats(args.token_dropout)
-    if not args.tune and max(len(steps), len(rates), len(dropouts)) > 1:
-        raise ValueError("lists of --mlm-steps, --mlm-lr or --token-dropout values are for --tune only")
+    decays = floats(args.ema_decay)
+    if not args.tune and max(len(steps), len(rates), len(dropouts), len(decays)) > 1:
+        raise ValueError("lists of --mlm-steps, --mlm-lr, --token-dropout or --ema-decay values are for --tune only")
+    if not all(0 < decay < 1 for decay in decays):
+        raise ValueError(f"--ema-decay values must be in (0, 1), got {args.ema_decay}")
     maskings = [pretraining.MaskingConfig(steps=s, learning_rate=r).validate() for s in steps for r in rates]
     jobs = []
     for row in rows:
-        pretrain, drop = ROWS[row]
-        for masking in maskings if pretrain else maskings[:1]:
-            for rate in dropouts if drop else dropouts[:1]:
-                jobs += [(row, seed, masking, rate, not args.tune, args.out / "pretrained") for seed in seeds]
+        pretrain, drop, average = ROWS[row]
+        for masking, rate, decay in itertools.product(maskings if pretrain else maskings[:1],
+                                                      dropouts if drop else dropouts[:1], decays if average else decays[:1]):
+            jobs += [(row, seed, masking, rate, decay, not args.tune, args.out / "pretrained") for seed in seeds]
     return jobs
 
 
@@ -165,12 +179,12 @@ def main_bench(argv=None) -> int:
                                  if job_path(job, args.out).exists()}
     fresh = experiments.map_jobs(run_args, [job for job in jobs if job not in kept], args.workers, train_row)
     for job, result in itertools.chain(kept.items(), fresh):  # fresh results print and save as they come
-        row, seed, masking, rate, *_ = job
+        row, seed, masking, rate, decay, *_ = job
         if not args.tune and job not in kept:
             utilities.write_json(job_path(job, args.out), result)
-        pretrain, drop = ROWS[row]
+        pretrain, drop, average = ROWS[row]
         label = (row + (f" steps={masking.steps} lr={masking.learning_rate:g}" if pretrain else "")
-                 + (f" p={rate:g}" if drop else ""))
+                 + (f" p={rate:g}" if drop else "") + (f" decay={decay:g}" if average else ""))
         mlm = f", MLM validation loss {result['mlm'][-1]['validation_loss']:.3f}" if pretrain else ""
         print(f"{label:40s} seed {seed}: validation {result['validation_accuracy']:.2f}% (epoch {result['chosen_epoch']})"
               f"{mlm}, {result['seconds']:.0f} s" + ("" if args.tune else f", test {result['test_accuracy']:.2f}%")
@@ -187,7 +201,8 @@ def main_bench(argv=None) -> int:
     summary, table = summarise(run, results, [int(s) for s in args.seeds.split(",")])
     print(table)
     utilities.write_text(args.out / "classifier_gap.md", table + "\n")
-    settings = {"mlm_steps": args.mlm_steps, "mlm_lr": args.mlm_lr, "token_dropout": args.token_dropout, "seeds": args.seeds,
+    settings = {"mlm_steps": args.mlm_steps, "mlm_lr": args.mlm_lr, "token_dropout": args.token_dropout,
+                "ema_decay": args.ema_decay, "seeds": args.seeds,
                 "seconds": time.perf_counter() - started}
     path = utilities.write_json(args.out / "classifier_gap.json", {"settings": settings, **summary, "runs": tuning})
     print(f"wrote {path} ({settings['seconds']:.0f} s)")

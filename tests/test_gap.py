@@ -171,25 +171,28 @@ def test_pad_is_never_counted_as_never_seen():
 # ---------------------------------------------------------------- weight averaging
 
 
-def test_weight_average_evaluates_the_moving_average_of_the_weights():
+@pytest.mark.parametrize("kind", ["decoder", "classifier"])
+def test_weight_average_evaluates_the_moving_average_of_the_weights(kind):
     import averaging
-    from transformer import TransformerLM
+    from transformer import TransformerClassifier, TransformerLM
 
     config = TransformerConfig(vocab_size=8, block_size=8, n_embd=8, n_head=2, n_layer=1, ff_hidden=8)
+    model_class = {"decoder": TransformerLM, "classifier": TransformerClassifier}[kind]
     torch.manual_seed(0)
-    model = averaging.WeightAverage(TransformerLM(config), decay=0.9)
+    model = averaging.ema_builder(0.9, model_class=model_class)(config)
     idx = torch.tensor([[2, 3, 4]])
+    targets = idx if kind == "decoder" else torch.tensor([1])
     snapshots = []
     model.train()
     for _ in range(3):  # each training forward folds in the weights of that moment; change them in between
-        model(idx, idx)
+        model(idx, targets)
         snapshots.append({k: v.clone() for k, v in model.model.state_dict().items()})
         with torch.no_grad():
             for parameter in model.model.parameters():
                 parameter.add_(torch.randn_like(parameter))
     first, second, third = snapshots  # the average starts as a copy, then avg <- 0.9 avg + 0.1 weights
     expected = {k: 0.9 * (0.9 * first[k] + 0.1 * second[k]) + 0.1 * third[k] for k in first}
-    reference = TransformerLM(config)
+    reference = model_class(config)
     reference.load_state_dict(expected)
     model.eval()
     reference.eval()
