@@ -62,6 +62,7 @@ _WORKER = {}
 def _init_worker(args):
     """Each worker reads the data once and trains on one thread, so two workers fill two cores."""
     torch.set_num_threads(1)
+    training.keep_freed_memory()  # a spawned worker does not inherit main.py's malloc setting
     _WORKER["run"] = training.make_run(args, log=lambda *a: None)  # the parent process has said which data
 
 

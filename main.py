@@ -2,7 +2,6 @@
 
 import argparse
 import contextlib
-import ctypes
 import os
 import shlex
 import sys
@@ -461,22 +460,6 @@ def gap_command(argv) -> int:
 COMMANDS = {"generate": generate_command, "convert": convert_command, "gap": gap_command}
 
 
-def keep_freed_memory():
-    """Let glibc's malloc keep freed blocks of up to 32 MB for reuse instead of handing each back to the system."""
-    # torch's CPU tensors come straight from malloc; by default every free of a decoder's 11.5 MB logits or their
-    # gradient is returned to the system and the next step faults the same pages back in (4 M page faults, a fifth
-    # of part two's time: docs/training.md). No-op on other C libraries, or when MALLOC_* variables already say.
-    if sys.platform != "linux" or any(name.startswith("MALLOC_") for name in os.environ):
-        return
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
-    mallopt(M_MMAP_THRESHOLD, 32 << 20)  # blocks below this come from the heap, where a free keeps them
-    mallopt(M_TRIM_THRESHOLD, 128 << 20)  # the heap's free top is returned only above this
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] and argv[0] in COMMANDS:
@@ -525,5 +508,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    keep_freed_memory()
+    training.keep_freed_memory()
     sys.exit(main())

@@ -167,6 +167,7 @@ def jobs_of(args) -> list[tuple]:
 
 def main_bench(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    training.keep_freed_memory()  # the process setting main.py makes
     try:
         jobs = jobs_of(args)
         run_args = main.build_parser().parse_args(["--part", "one", "--data-dir", str(args.data_dir), "--out", str(args.out)])

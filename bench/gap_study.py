@@ -22,6 +22,7 @@ if __name__ == "__main__":
     parser.add_argument("--decoders", default=",".join(gap.HEADLINE),
                         help="comma-separated rows of gap.DECODERS (default: gap.HEADLINE, the rows --gap trains)")
     args = parser.parse_args()
+    training.keep_freed_memory()  # the process setting main.py makes
     unknown = [name for name in args.decoders.split(",") if name not in gap.DECODERS]
     if unknown:
         parser.error(f"unknown decoder row(s) {', '.join(unknown)}; the rows are {', '.join(gap.DECODERS)}")

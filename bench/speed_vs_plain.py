@@ -8,7 +8,7 @@ heatmaps, as a learner runs it; `--main-args --no-plots` leaves them out) and th
 the machine's load hits both alike. Wall time is what the issue's ratios are; CPU time (user + system of the
 child) is printed beside it because it moves much less on a shared machine.
 
-main.py sets glibc's malloc to keep freed blocks (main.keep_freed_memory); the yardstick does not. So that the
+main.py sets glibc's malloc to keep freed blocks (training.keep_freed_memory); the yardstick does not. So that the
 ratio is not read as a model or loop advantage, each repeat also runs the yardstick with the same setting given
 through glibc's environment variables (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_), a third column.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PLAIN = ROOT.parent / "shared" / "bench" / "plain_course.py"
 TASKS = {"one": "classifier", "two": "lm"}  # our part -> the yardstick's task
-SAME_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(128 << 20)}  # main.keep_freed_memory's
+SAME_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(128 << 20)}  # training.keep_freed_memory's
 
 
 def timed(command: list[str], env: dict) -> tuple[float, float]:

@@ -159,9 +159,9 @@ def test_the_evaluation_batch_size_does_not_change_the_summed_loss():
 
 FAULTS_OF_TEN_STEPS = """
 import resource, sys, torch
-import main
+import training
 if sys.argv[1] == "keep":
-    main.keep_freed_memory()
+    training.keep_freed_memory()
 def step():  # three arrays the size of a course decoder's logits alive at once, then freed, as in a training step
     logits = torch.ones(512, 5635)
     probabilities = logits.softmax(-1)
