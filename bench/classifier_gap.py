@@ -81,7 +81,8 @@ def train_row(job: tuple) -> tuple[tuple, dict]:
         pretrained = pretrained_encoder(run, config, settings, masking, seed, cache)
         model, report = pretraining.train_pretrained_classifier(run, config, settings, masking, seed, quiet, pretrained, wrap)
     else:
-        model, report = training.train_classifier(run, config, settings, seed, log=quiet, build_model=wrap and wrap(None))
+        model, report = training.train_classifier(run, config, settings, seed, log=quiet,
+                                                  build_model=wrap(None) if wrap else None)
     selection = report.get("selection_epochs", report["epochs"])
     best = training.best_evaluation(selection)
     result = {"validation_accuracy": best["validation_accuracy"], "chosen_epoch": best["epoch"],
