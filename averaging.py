@@ -26,6 +26,7 @@ class WeightAverage(nn.Module):
             raise ValueError(f"the average's decay must be in (0, 1), got {decay}")
         self.model = model
         self.average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+        self.average.requires_grad_(False)  # trained by averaging alone (and not counted by count_parameters)
 
     @property
     def config(self) -> TransformerConfig:
@@ -33,6 +34,7 @@ class WeightAverage(nn.Module):
 
     def forward(self, *args, **kwargs) -> Output:
         """Training: the live model (after averaging in its weights); evaluation: the averaged copy."""
+        # once per training forward pass: once per optimiser step, unless --grad-accum splits the step
         if self.training:
             with torch.no_grad():
                 self.average.update_parameters(self.model)
@@ -41,9 +43,8 @@ class WeightAverage(nn.Module):
 
 
 def ema_builder(decay: float, inner=None, model_class=TransformerLM):
-    """A model factory for training.train_language_model (build(config, train_stream)) or train_classifier
-    (build(config)): the model `inner` builds (a `model_class` by default), evaluated through the moving average
-    of its weights."""
+    """A build_model for train_language_model or train_classifier: inner's model (or a model_class) behind an EMA."""
+    # train_language_model calls build(config, train_stream), train_classifier build(config)
     def build(config, *data):
         return WeightAverage(inner(config, *data) if inner else model_class(config), decay)
     return build

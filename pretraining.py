@@ -192,15 +192,15 @@ def from_encoder(encoder: Trunk):
 
 def train_pretrained_classifier(run, config: TransformerConfig, settings: training.TrainingConfig,
                                 masking: MaskingConfig, seed: int, log=print, pretrained: tuple | None = None,
-                                wrap=None):
+                                wrap_builder=None):
     """Pretrain on the unlabelled text without the validation segments, then fine-tune with `settings` (selection
     and refit both start from that encoder); return the classifier and its report, pretraining time included.
     pretrained: a (MaskedLM, report) that pretrain() returned for the same arguments, to fine-tune it again;
-    wrap: turns the classifier factory into another (averaging.ema_builder's `inner`)."""
+    wrap_builder: turns the classifier factory into another (averaging.ema_builder's `inner`)."""
     mlm, pretraining = pretrained or pretrain(run, config, masking, seed, validation_segments(run, settings), log)
     build = from_encoder(mlm.encoder.cpu())
     model, report = training.train_classifier(run, with_mask_row(config, run.tokenizer), settings, seed, log,
-                                              build_model=wrap(build) if wrap else build)
+                                              build_model=wrap_builder(build) if wrap_builder else build)
     report.update(pretraining=pretraining, fine_tune_seconds=report["train_seconds"],
                   train_seconds=report["train_seconds"] + pretraining["seconds"])
     return model, report

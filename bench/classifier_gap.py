@@ -42,8 +42,8 @@ COLUMNS = ("test_accuracy", "test_accuracy_seen", "test_accuracy_unseen", "test_
 
 
 def pretrained_encoder(run, config, settings, masking, seed: int, cache: Path) -> tuple:
-    """pretraining.pretrain's (MaskedLM, report) for these arguments, kept in `cache` so that the mlm and the
-    mlm+dropout rows of a seed pretrain once (pretraining is deterministic: the same weights either way)."""
+    """pretraining.pretrain's (MaskedLM, report) for these arguments, kept in `cache` so that every mlm row of
+    a seed (mlm, mlm+dropout, mlm+ema, ...) pretrains once (pretraining is deterministic: the same weights either way)."""
     path = cache / f"mlm_seed{seed}_steps{masking.steps}_lr{masking.learning_rate:g}_val{settings.validation_fraction:g}.pt"
     if path.exists():
         mlm_config, state, report = torch.load(path, weights_only=False)
@@ -71,7 +71,7 @@ def train_row(job: tuple) -> tuple[tuple, dict]:
     row, seed, masking, dropout_rate, decay, refit, cache = job
     run = experiments.worker_run()
     pretrain, drop, average = ROWS[row]
-    wrap = partial(averaging.ema_builder, decay, model_class=TransformerClassifier) if average else None
+    wrap_builder = partial(averaging.ema_builder, decay, model_class=TransformerClassifier) if average else None
     config = training.model_config(run, "classifier", preset="best")
     settings = replace(training.training_config(run, "classifier", preset="best"), refit=refit,
                        token_dropout=dropout_rate if drop else 0.0)
@@ -79,10 +79,11 @@ def train_row(job: tuple) -> tuple[tuple, dict]:
     started = time.perf_counter()
     if pretrain:
         pretrained = pretrained_encoder(run, config, settings, masking, seed, cache)
-        model, report = pretraining.train_pretrained_classifier(run, config, settings, masking, seed, quiet, pretrained, wrap)
+        model, report = pretraining.train_pretrained_classifier(run, config, settings, masking, seed, quiet, pretrained,
+                                                                wrap_builder=wrap_builder)
     else:
         model, report = training.train_classifier(run, config, settings, seed, log=quiet,
-                                                  build_model=wrap(None) if wrap else None)
+                                                  build_model=wrap_builder() if wrap_builder else None)
     selection = report.get("selection_epochs", report["epochs"])
     best = training.best_evaluation(selection)
     result = {"validation_accuracy": best["validation_accuracy"], "chosen_epoch": best["epoch"],

@@ -10,7 +10,8 @@ child) is printed beside it because it moves much less on a shared machine.
 
 main.py sets glibc's malloc to keep freed blocks (training.keep_freed_memory); the yardstick does not. So that the
 ratio is not read as a model or loop advantage, each repeat also runs the yardstick with the same setting given
-through glibc's environment variables (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_), a third column.
+through glibc's environment variables (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_): a third program per
+repeat, the table's last two columns.
 """
 
 import argparse
@@ -24,9 +25,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from training import MMAP_THRESHOLD, TRIM_THRESHOLD  # noqa: E402  (training.keep_freed_memory's)
+
 PLAIN = ROOT.parent / "shared" / "bench" / "plain_course.py"
 TASKS = {"one": "classifier", "two": "lm"}  # our part -> the yardstick's task
-SAME_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(128 << 20)}  # training.keep_freed_memory's
+SAME_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
 
 
 def timed(command: list[str], env: dict) -> tuple[float, float]:
@@ -68,24 +72,24 @@ def main():
             ours_command = [sys.executable, "main.py", "--part", part, "--data-dir", str(args.data_dir.resolve()),
                             "--out", out, *args.main_args.split()]
             plain_command = [sys.executable, str(args.plain.resolve()), TASKS[part], str(args.data_dir.resolve())]
-            ours, plain, tuned = [], [], []
+            ours, plain, plain_same_malloc = [], [], []
             for repeat in range(args.repeats):
                 ours.append(timed(ours_command, env))
                 plain.append(timed(plain_command, env))
-                tuned.append(timed(plain_command, {**env, **SAME_MALLOC}))
+                plain_same_malloc.append(timed(plain_command, {**env, **SAME_MALLOC}))
                 print(f"  part {part} run {repeat + 1}: ours {ours[-1][0]:.1f} s wall ({ours[-1][1]:.1f} s CPU), "
                       f"plain {plain[-1][0]:.1f} s wall ({plain[-1][1]:.1f} s CPU), plain with our malloc setting "
-                      f"{tuned[-1][0]:.1f} s wall ({tuned[-1][1]:.1f} s CPU)", flush=True)
-            medians = [statistics.median(t[i] for t in runs) for runs in (ours, plain, tuned) for i in (0, 1)]
+                      f"{plain_same_malloc[-1][0]:.1f} s wall ({plain_same_malloc[-1][1]:.1f} s CPU)", flush=True)
+            medians = [statistics.median(t[i] for t in runs) for runs in (ours, plain, plain_same_malloc) for i in (0, 1)]
             rows.append((part, *medians))
     print(f"load average at end: {os.getloadavg()[0]:.1f}\n")
     print("| part | ours wall s | plain wall s | ratio | ours CPU s | plain CPU s | CPU ratio "
           "| plain, our malloc setting, wall s | ratio to it |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for part, ours_wall, ours_cpu, plain_wall, plain_cpu, tuned_wall, _ in rows:
+    for part, ours_wall, ours_cpu, plain_wall, plain_cpu, same_malloc_wall, _ in rows:
         print(f"| {part} | {ours_wall:.1f} | {plain_wall:.1f} | {ours_wall / plain_wall:.2f} | "
-              f"{ours_cpu:.1f} | {plain_cpu:.1f} | {ours_cpu / plain_cpu:.2f} | {tuned_wall:.1f} | "
-              f"{ours_wall / tuned_wall:.2f} |")
+              f"{ours_cpu:.1f} | {plain_cpu:.1f} | {ours_cpu / plain_cpu:.2f} | {same_malloc_wall:.1f} | "
+              f"{ours_wall / same_malloc_wall:.2f} |")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def test_markdown_table_formats_floats_and_integers():
     assert table.splitlines() == ["| name | count | score | flag |", "|---|---|---|---|", "| a | 1,234,567 | 0.50 | True |"]
 
 
-def full_draw(matrix, tokens, title, path):
+def draw_heatmap_whole(matrix, tokens, title, path):
     """The heatmap drawn the plain way, a figure of its own drawn whole by savefig: the reference for the blitted ones."""
     plt = utilities.pyplot()
     n = len(tokens)
@@ -65,21 +65,28 @@ def full_draw(matrix, tokens, title, path):
     utilities.save_figure(figure, path)
 
 
-def test_each_heatmap_shows_its_own_map_as_a_whole_drawing_would(tmp_path):
+def pixels(path) -> torch.Tensor:
     from PIL import Image
 
+    return torch.from_numpy(numpy.asarray(Image.open(path).convert("RGB"), dtype="int16"))  # (H, W, 3)
+
+
+def differing(a, b) -> float:
+    """The share of pixels whose colour differs by more than 8 levels in some channel."""
+    return (pixels(a) - pixels(b)).abs().amax(-1).gt(8).float().mean().item()
+
+
+def test_each_heatmap_shows_its_own_map_as_a_whole_drawing_would(tmp_path):
     generator = torch.Generator().manual_seed(0)
     tokens = ["the", "nation", "is", "strong", "<pad>", "again"]
     maps = [torch.rand(1, 2, 6, 6, generator=generator).softmax(-1) for _ in range(2)]  # 2 layers x 2 heads
     paths = utilities.save_attention_heatmaps(maps, tokens, tmp_path, "test")
     assert [p.name for p in paths] == [f"test_layer{layer}_head{head}.png" for layer in (1, 2) for head in (1, 2)]
-    pixels = lambda path: torch.from_numpy(numpy.asarray(Image.open(path).convert("RGB"), dtype="int16"))  # noqa: E731
     references = []
     for index in range(len(paths)):
         layer, head = divmod(index, 2)
         references.append(tmp_path / f"reference_{index}.png")
-        full_draw(maps[layer][0, head].numpy(), tokens, f"test: layer {layer + 1}, head {head + 1}", references[-1])
-    differing = lambda a, b: (pixels(a) - pixels(b)).abs().amax(-1).gt(8).float().mean().item()  # noqa: E731
+        draw_heatmap_whole(maps[layer][0, head].numpy(), tokens, f"test: layer {layer + 1}, head {head + 1}", references[-1])
     for index, path in enumerate(paths):
         assert pixels(path).shape == pixels(references[index]).shape
         # the same picture but for the anti-aliased spines, which the blitted map redraws over its image (~0.6%)
