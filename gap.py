@@ -155,7 +155,14 @@ HALF = novel.novel_class_builder(0.5)  # half of each singleton target stays the
 EMBEDDING_DROPOUT = {"embedding_dropout": 0.1}  # AWD-LSTM's value
 UNIGRAM_NOISE = {"input_noise": "unigram", "noise_gamma": 0.1}
 KNESER_NEY_NOISE = {"input_noise": "kneser_ney", "noise_gamma": 0.2}  # gamma0: a word's rate is gamma0 N1+(x, .) / c(x)
-KNESER_NEY_1500 = {**KNESER_NEY_NOISE, "max_iters": 1500}  # noised decoders train more slowly: a longer schedule
+
+
+def kneser_ney_noised(gamma0: float, iterations: int, seeds: int = 1) -> DecoderRow:
+    """The half <novel> class with Kneser-Ney noising at gamma0, on a schedule of `iterations` (noised decoders
+    train more slowly: longer than the preset's)."""
+    return DecoderRow(HALF, training={**KNESER_NEY_NOISE, "noise_gamma": gamma0, "max_iters": iterations}, seeds=seeds)
+
+
 DECODERS = {
     "best": DecoderRow(),
     "best_novel_class": DecoderRow(novel.novel_class_builder()),
@@ -173,24 +180,19 @@ DECODERS = {
     "half_unigram_noise_1000_steps": DecoderRow(HALF, training={**UNIGRAM_NOISE, "max_iters": 1000}),
     "half_unigram_noise_seeds3": DecoderRow(HALF, training=UNIGRAM_NOISE, seeds=3),
     "half_kneser_ney_noise_0.4": DecoderRow(HALF, training={**KNESER_NEY_NOISE, "noise_gamma": 0.4}),
-    "half_kneser_ney_noise_1000_steps": DecoderRow(HALF, training={**KNESER_NEY_NOISE, "max_iters": 1000}),
-    "half_kneser_ney_noise_1500_steps": DecoderRow(HALF, training=KNESER_NEY_1500),
-    "half_kneser_ney_noise_1500_steps_seeds3": DecoderRow(HALF, training=KNESER_NEY_1500, seeds=3),
-    "half_kneser_ney_noise_0.1_1500_steps": DecoderRow(HALF, training={**KNESER_NEY_1500, "noise_gamma": 0.1}),
-    "half_kneser_ney_noise_0.3_1500_steps": DecoderRow(HALF, training={**KNESER_NEY_1500, "noise_gamma": 0.3}),
-    "half_kneser_ney_noise_0.3_1500_steps_seeds3": DecoderRow(HALF, training={**KNESER_NEY_1500, "noise_gamma": 0.3},
-                                                              seeds=3),
-    "half_kneser_ney_noise_0.4_1500_steps": DecoderRow(HALF, training={**KNESER_NEY_1500, "noise_gamma": 0.4}),
-    "half_kneser_ney_noise_0.4_1500_steps_seeds3": DecoderRow(HALF, training={**KNESER_NEY_1500, "noise_gamma": 0.4},
-                                                              seeds=3),
-    "half_kneser_ney_noise_0.5_1500_steps": DecoderRow(HALF, training={**KNESER_NEY_1500, "noise_gamma": 0.5}),
-    "half_kneser_ney_noise_0.4_2000_steps": DecoderRow(HALF, training={**KNESER_NEY_1500, "noise_gamma": 0.4,
-                                                                        "max_iters": 2000}),
-    "half_kneser_ney_noise_0.4_2000_steps_seeds3": DecoderRow(HALF, training={**KNESER_NEY_1500, "noise_gamma": 0.4,
-                                                                               "max_iters": 2000}, seeds=3),
-    "half_kneser_ney_noise_0.3_2000_steps": DecoderRow(HALF, training={**KNESER_NEY_1500, "noise_gamma": 0.3,
-                                                                        "max_iters": 2000}),
-    "half_kneser_ney_noise_1000_steps_seeds3": DecoderRow(HALF, training={**KNESER_NEY_NOISE, "max_iters": 1000}, seeds=3),
+    "half_kneser_ney_noise_1000_steps": kneser_ney_noised(0.2, 1000),
+    "half_kneser_ney_noise_1500_steps": kneser_ney_noised(0.2, 1500),
+    "half_kneser_ney_noise_1500_steps_seeds3": kneser_ney_noised(0.2, 1500, seeds=3),
+    "half_kneser_ney_noise_0.1_1500_steps": kneser_ney_noised(0.1, 1500),
+    "half_kneser_ney_noise_0.3_1500_steps": kneser_ney_noised(0.3, 1500),
+    "half_kneser_ney_noise_0.3_1500_steps_seeds3": kneser_ney_noised(0.3, 1500, seeds=3),
+    "half_kneser_ney_noise_0.4_1500_steps": kneser_ney_noised(0.4, 1500),
+    "half_kneser_ney_noise_0.4_1500_steps_seeds3": kneser_ney_noised(0.4, 1500, seeds=3),
+    "half_kneser_ney_noise_0.5_1500_steps": kneser_ney_noised(0.5, 1500),
+    "half_kneser_ney_noise_0.4_2000_steps": kneser_ney_noised(0.4, 2000),
+    "half_kneser_ney_noise_0.4_2000_steps_seeds3": kneser_ney_noised(0.4, 2000, seeds=3),
+    "half_kneser_ney_noise_0.3_2000_steps": kneser_ney_noised(0.3, 2000),
+    "half_kneser_ney_noise_1000_steps_seeds3": kneser_ney_noised(0.2, 1000, seeds=3),
     "half_kneser_ney_noise_seeds3": DecoderRow(HALF, training=KNESER_NEY_NOISE, seeds=3),
 }
 
