@@ -158,7 +158,7 @@ def test_the_evaluation_batch_size_does_not_change_the_summed_loss():
 
 # ---------------------------------------------------------------- the allocator
 
-FAULTS_OF_TEN_STEPS = """
+FAULTS_OF_THIRTY_STEPS = """
 import ctypes, resource, sys, torch
 import training
 ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KiB pages, whatever the host's huge-page setting
@@ -168,10 +168,9 @@ def step():  # three arrays the size of a course decoder's logits alive at once,
     logits = torch.ones(512, 5635)
     probabilities = logits.softmax(-1)
     return (probabilities - 1).sum().item()
-for _ in range(3):  # the heap grows to its size
-    step()
+step()  # the heap grows to three arrays
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
+for _ in range(30):
     step()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
@@ -184,9 +183,11 @@ def test_keeping_freed_memory_stops_each_step_from_faulting_its_arrays_back_in()
     # glibc's own starting point, 128 KiB, held fixed: its default moves the threshold with what was freed,
     # so whether a given step faults depends on the allocations before it; fixed, every step does
     settings = {"keep": env, "default": {**env, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}}
-    faults = {how: int(subprocess.run([sys.executable, "-c", FAULTS_OF_TEN_STEPS, how], env=settings[how], check=True,
+    faults = {how: int(subprocess.run([sys.executable, "-c", FAULTS_OF_THIRTY_STEPS, how], env=settings[how], check=True,
                                       capture_output=True, text=True, cwd=Path(main.__file__).parent).stdout)
               for how in settings}
     pages = 512 * 5635 * 4 // 4096  # of one array
-    assert faults["default"] > 10 * pages  # every step faults its arrays in anew
-    assert faults["keep"] <= 2 * pages + 50  # kept, the pages are reused (at most two arrays' worth are new)
+    assert faults["default"] > 30 * pages  # every step faults its arrays in anew (three a step)
+    # kept, the pages are reused: the heap grows by a few arrays while its free blocks settle (1 to 3 arrays' worth in
+    # 60 runs here, by step 8 in all of them), then not at all; the default's 30 steps fault in about 90
+    assert faults["keep"] < faults["default"] / 10
