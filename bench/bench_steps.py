@@ -1,12 +1,16 @@
-"""Time one training step of the course's base models: fp32, bf16 or fp16 autocast and torch.compile.
+"""Time one training step of the course's base models: fp32, bf16 or fp16 autocast, torch.compile, other LayerNorms.
 
     python bench/bench_steps.py [--steps 200] [--threads 1] [--device cpu|cuda] [--cases fp32,bf16,compile]
+    python bench/bench_steps.py --cases fp32,norm-hand,norm-torch      # what our own LayerNorm costs
 
 Each case trains the default-size classifier (batch 16 x 32 tokens, padded) or decoder (5,635-word head) with the
 same step as training.fit (autocast forward, fused AdamW). The first step of a compiled model includes compilation;
 "pays after" is the number of steps after which compilation has cost less than the steps it saved.
 Times are CPU seconds of this process (steady on a shared machine) and wall seconds; the ratios use CPU seconds on
 the CPU and wall seconds on a GPU (where the process mostly waits for the device).
+The norm-* cases are fp32 eager with every LayerNorm's forward replaced, to price ours (docs/training.md): norm-hand
+is the same formula as an autograd function with a hand-derived backward (fewer kernels, other rounding), norm-torch
+is torch's fused F.layer_norm. Neither is used by the models.
 """
 
 import argparse
@@ -15,11 +19,12 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules, from any folder
 from parallel import SINGLE
 from training import autocast, compiled
-from transformer import TransformerClassifier, TransformerConfig, TransformerLM
+from transformer import LayerNorm, TransformerClassifier, TransformerConfig, TransformerLM
 
 VOCABULARY = 5635  # the course's word vocabulary
 
@@ -33,11 +38,48 @@ def batch(task: str, generator: torch.Generator, device) -> tuple[torch.Tensor, 
     return ids.to(device), torch.randint(2, VOCABULARY, (16, 32), generator=generator).to(device)
 
 
-def time_steps(task: str, precision: str, compile_it: bool, steps: int, device) -> dict:
+class HandDerivedLayerNorm(torch.autograd.Function):
+    """Our LayerNorm's formula with its backward written out: dx = rstd (g w - mean(g w) - x̂ mean(g w x̂))."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        centred = x - x.mean(-1, keepdim=True)
+        rstd = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
+        normed = centred * rstd
+        ctx.save_for_backward(normed, rstd, weight)
+        return normed * weight + bias
+
+    @staticmethod
+    def backward(ctx, grad):
+        normed, rstd, weight = ctx.saved_tensors
+        grad_normed = grad * weight
+        grad_x = rstd * (grad_normed - grad_normed.mean(-1, keepdim=True)
+                         - normed * (grad_normed * normed).mean(-1, keepdim=True))
+        rows = tuple(range(grad.dim() - 1))
+        return grad_x, (grad * normed).sum(rows), grad.sum(rows), None
+
+
+class HandLayerNorm(LayerNorm):
+    def forward(self, x):
+        return HandDerivedLayerNorm.apply(x, self.weight, self.bias, self.eps)
+
+
+class TorchLayerNorm(LayerNorm):
+    def forward(self, x):
+        return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+
+
+NORMS = {"ours": LayerNorm, "hand": HandLayerNorm, "torch": TorchLayerNorm}
+
+
+def time_steps(task: str, precision: str, compile_it: bool, steps: int, device, norm: str = "ours") -> dict:
     """Seconds of the first step (compilation included) and the mean of the next `steps` (after 10 warm-up steps)."""
     torch.manual_seed(0)
     model_class = TransformerClassifier if task == "classifier" else TransformerLM
     model = model_class(TransformerConfig(vocab_size=VOCABULARY)).to(device).train()
+    for module in model.modules():
+        if type(module) is LayerNorm:
+            module.__class__ = NORMS[norm]  # the same parameters, another forward
     forward = compiled(model, device, SINGLE) if compile_it else model  # what --compile does
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # as training.fit: fp16 needs one
@@ -73,12 +115,13 @@ def main():
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cases", default="fp32,bf16,compile",
-                        help="comma-separated: fp32, bf16, fp16 (CUDA only), compile, compile-bf16")
+                        help="comma-separated: fp32, bf16, fp16 (CUDA only), compile, compile-bf16, norm-hand, norm-torch")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    cases = {"fp32": ("fp32", False), "bf16": ("bf16", False), "fp16": ("fp16", False), "compile": ("fp32", True),
-             "compile-bf16": ("bf16", True)}
+    cases = {"fp32": ("fp32", False, "ours"), "bf16": ("bf16", False, "ours"), "fp16": ("fp16", False, "ours"),
+             "compile": ("fp32", True, "ours"), "compile-bf16": ("bf16", True, "ours"),
+             "norm-hand": ("fp32", False, "hand"), "norm-torch": ("fp32", False, "torch")}
     unknown = set(args.cases.split(",")) - set(cases)
     if unknown or ("fp16" in args.cases and device.type != "cuda"):
         parser.error(f"--cases takes a comma-separated subset of {', '.join(cases)} (fp16 on CUDA only)")
@@ -89,8 +132,8 @@ def main():
     for task in ("classifier", "lm"):
         base = None
         for name in args.cases.split(","):
-            precision, compile_it = cases[name]
-            result = time_steps(task, precision, compile_it, args.steps, device)
+            precision, compile_it, norm = cases[name]
+            result = time_steps(task, precision, compile_it, args.steps, device, norm)
             base = base or result
             speedup = base[clock] / result[clock]
             saved = base[clock] - result[clock]

@@ -1,6 +1,7 @@
 """Speed work (docs/training.md): mixed precision in the training loop, and the overhead removals in the model,
 which must leave the base model's outputs exactly as the formulation they replaced."""
 
+import importlib.util
 import itertools
 import math
 import os
@@ -191,3 +192,43 @@ def test_keeping_freed_memory_stops_each_step_from_faulting_its_arrays_back_in()
     # kept, the pages are reused: the heap grows by a few arrays while its free blocks settle (1 to 3 arrays' worth in
     # 60 runs here, by step 8 in all of them), then not at all; the default's 30 steps fault in about 90
     assert faults["keep"] < faults["default"] / 10
+
+
+# ---------------------------------------------------------------- the benchmark's LayerNorm variants
+
+
+def load_bench_steps():
+    """bench/bench_steps.py as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("bench_steps", Path(main.__file__).parent / "bench" / "bench_steps.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("variant", ["hand", "torch"])
+def test_the_benchmarks_layernorm_variants_compute_ours_and_its_gradients(variant):
+    # the variants bench/bench_steps.py prices against ours (docs/training.md) must be the same function:
+    # their outputs and gradients against autograd through our LayerNorm, in float64
+    bench_steps = load_bench_steps()
+    torch.manual_seed(0)
+    x, grad, weight, bias = (torch.randn(shape, dtype=torch.float64) for shape in ((3, 5, 16), (3, 5, 16), 16, 16))
+    results = []
+    for name in ("ours", variant):
+        norm = bench_steps.NORMS[name](16).double()
+        with torch.no_grad():
+            norm.weight.copy_(weight), norm.bias.copy_(bias)
+        inputs = x.clone().requires_grad_()
+        output = norm(inputs)
+        output.backward(grad)
+        results.append([output, inputs.grad, norm.weight.grad, norm.bias.grad])
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(theirs, ours, rtol=1e-10, atol=1e-12)
+
+
+def test_the_hand_derived_layernorm_backward_matches_finite_differences():
+    bench_steps = load_bench_steps()
+    torch.manual_seed(0)
+    inputs = (torch.randn(2, 2, 16, dtype=torch.float64), torch.randn(16, dtype=torch.float64),
+              torch.randn(16, dtype=torch.float64))
+    assert torch.autograd.gradcheck(lambda x, w, b: bench_steps.HandDerivedLayerNorm.apply(x, w, b, 1e-5),
+                                    tuple(tensor.clone().requires_grad_() for tensor in inputs))
