@@ -216,7 +216,8 @@ def test_the_benchmarks_layernorm_variants_compute_ours_and_its_gradients(varian
     for name in ("ours", variant):
         norm = bench_steps.NORMS[name](16).double()
         with torch.no_grad():
-            norm.weight.copy_(weight), norm.bias.copy_(bias)
+            norm.weight.copy_(weight)
+            norm.bias.copy_(bias)
         inputs = x.clone().requires_grad_()
         output = norm(inputs)
         output.backward(grad)
