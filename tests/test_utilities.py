@@ -71,9 +71,9 @@ def pixels(path) -> torch.Tensor:
     return torch.from_numpy(numpy.asarray(Image.open(path).convert("RGB"), dtype="int16"))  # (H, W, 3)
 
 
-def differing(a, b) -> float:
+def differing(a: torch.Tensor, b: torch.Tensor) -> float:
     """The share of pixels whose colour differs by more than 8 levels in some channel."""
-    return (pixels(a) - pixels(b)).abs().amax(-1).gt(8).float().mean().item()
+    return (a - b).abs().amax(-1).gt(8).float().mean().item()
 
 
 def test_each_heatmap_shows_its_own_map_as_a_whole_drawing_would(tmp_path):
@@ -87,8 +87,9 @@ def test_each_heatmap_shows_its_own_map_as_a_whole_drawing_would(tmp_path):
         layer, head = divmod(index, 2)
         references.append(tmp_path / f"reference_{index}.png")
         draw_heatmap_whole(maps[layer][0, head].numpy(), tokens, f"test: layer {layer + 1}, head {head + 1}", references[-1])
-    for index, path in enumerate(paths):
-        assert pixels(path).shape == pixels(references[index]).shape
+    drawn, whole = [pixels(path) for path in paths], [pixels(path) for path in references]
+    for index, picture in enumerate(drawn):
+        assert picture.shape == whole[index].shape
         # the same picture but for the anti-aliased spines, which the blitted map redraws over its image (~0.6%)
-        assert differing(path, references[index]) < 0.01
-        assert differing(path, references[(index + 1) % len(paths)]) > 0.1  # another head's map is not it
+        assert differing(picture, whole[index]) < 0.01
+        assert differing(picture, whole[(index + 1) % len(paths)]) > 0.1  # another head's map is not it
