@@ -485,12 +485,15 @@ def train_classifier(run: Run, config: TransformerConfig, training: TrainingConf
     harness = replace(harness, identity=run_identity(run, "classifier", config, training, seed, data, harness),
                       save_last=validation is not None and training.refit)
 
+    latest = {}  # the latest evaluation's test probabilities: the report of the last epoch's model reuses them
+
     def evaluate(step, epoch_steps):
         # train loss and accuracy are running figures over the epoch's batches (free, unlike a second pass)
         losses, correct, count = zip(*epoch_steps)
+        latest["test"] = predict(model, test_ids, run.device)
         row = {"epoch": step // steps_per_epoch, "train_loss": sum(losses) / len(losses),
                "train_accuracy": 100.0 * sum(correct) / sum(count),
-               "test_accuracy": accuracy(predict(model, test_ids, run.device), test_labels)}
+               "test_accuracy": accuracy(latest["test"], test_labels)}
         if validation is not None:
             row["validation_accuracy"] = accuracy(predict(model, validation[0], run.device), validation[1])
             row["validation_score"] = -row["validation_accuracy"]
@@ -513,8 +516,13 @@ def train_classifier(run: Run, config: TransformerConfig, training: TrainingConf
         report.update(selection_epochs=epochs, chosen_epochs=chosen, train_seconds=seconds + report["train_seconds"],
                       model=f"retrained on all of train_CLS.tsv for the {chosen} epochs validation chose")
         return model, report
+    # fit() restores the best validation evaluation's weights; without validation the model is the last evaluated
+    # one, unless this process did not evaluate (a data parallel worker) or a resumed run had no step left to take
+    probabilities = latest.get("test") if validation is None else None
+    if probabilities is None:
+        probabilities = predict(model, test_ids, run.device)
     report = {"num_parameters": count_parameters(model), "epochs": epochs,
-              **classifier_report(run, predict(model, test_ids, run.device)), "train_seconds": seconds}
+              **classifier_report(run, probabilities), "train_seconds": seconds}
     if validation is not None:
         report["model"] = f"the best validation evaluation (epoch {best_evaluation(epochs)['epoch']}), restored"
     else:

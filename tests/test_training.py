@@ -194,3 +194,18 @@ def test_best_preset_reports_the_figures_of_the_model_it_returns(small_data):
     assert report["final"]["train_perplexity"] == perplexity(model, encode_stream(run, run.data.train_lm), 16, cpu)
     assert report["final"]["perplexity"] == {name: perplexity(model, encode_stream(run, text), 16, cpu)
                                              for name, text in run.data.test_lm.items()}
+
+
+@pytest.mark.parametrize("preset", [None, "best"])
+def test_classifier_report_is_the_returned_models_evaluated_afresh(small_data, preset):
+    """The report's test figures (reused from the last epoch's evaluation when nothing was restored) are those of
+    the returned model, predicted here again; without validation they are also the table's last epoch."""
+    argv = ["--part", "one", "--data-dir", str(small_data), "--device", "cpu", "--epochs", "3", "--n-layer", "1",
+            "--n-embd", "16", "--ff-hidden", "16", "--block-size", "16", "--batch-size", "32"]
+    run = make_run(main.build_parser().parse_args(argv + (["--preset", preset] if preset else [])))
+    config = model_config(run, "classifier")
+    model, report = training.train_classifier(run, config, training_config(run, "classifier"), 1, log=lambda *a: None)
+    ids, _ = training.classifier_tensors(run, run.data.test_cls, config.block_size)
+    afresh = classifier_report(run, training.predict(model, ids, torch.device("cpu")))
+    assert {key: report[key] for key in afresh} == afresh
+    assert report["epochs"][-1]["test_accuracy"] == report["test_accuracy"]
