@@ -287,8 +287,16 @@ TOKENIZERS = {"word": WordTokenizer, "bpe": ByteBPETokenizer, "renumbered-bpe": 
 
 
 def tokenizer_from_json(text: str) -> WordTokenizer | ByteBPETokenizer:
-    """Rebuild either tokenizer from its `to_json` output, by its "type"."""
-    kind = json.loads(text).get("type")
+    """Rebuild either tokenizer from its `to_json` output, by its "type"; ValueError if the JSON cannot be one."""
+    state = json.loads(text)
+    if not isinstance(state, dict):
+        raise ValueError(f"tokenizer JSON: expected an object, got {type(state).__name__}")
+    kind = state.get("type")
     if kind not in TOKENIZERS:
         raise ValueError(f"unknown tokenizer type {kind!r}; expected one of {sorted(TOKENIZERS)}")
-    return TOKENIZERS[kind].from_json(text)
+    try:
+        return TOKENIZERS[kind].from_json(text)
+    except KeyError as missing:  # a hand-edited or truncated file: name the field rather than show a traceback
+        raise ValueError(f"{kind} tokenizer JSON: field {missing} is missing") from None
+    except TypeError as error:
+        raise ValueError(f"{kind} tokenizer JSON: a field has the wrong type ({error})") from None

@@ -309,14 +309,19 @@ def tiny_checkpoint(directory, model_class, kind):
     ("classifier", "holds a classifier; generation needs a decoder"),
     ("config-list", "config.json: expected a JSON dict, got list"),
     ("tokenizer-type", "unknown tokenizer type 'sentencepiece'"),
+    ("tokenizer-field", "word tokenizer JSON: field 'itos' is missing"),
+    ("tokenizer-list", "tokenizer.json: expected a JSON dict, got list"),
+    ("tokenizer-merges", "bpe tokenizer JSON: a field has the wrong type"),
 ])
 def test_generate_refuses_an_unusable_checkpoint_in_one_line(tmp_path, capsys, damage, message):
     checkpoint = tiny_checkpoint(tmp_path / "run", *((TransformerClassifier, "classifier") if damage == "classifier"
                                                      else (TransformerLM, "lm")))
     if damage == "config-list":
         (checkpoint / "config.json").write_text("[1, 2]", encoding="utf-8")
-    if damage == "tokenizer-type":
-        (checkpoint / "tokenizer.json").write_text('{"type": "sentencepiece"}', encoding="utf-8")
+    damaged = {"tokenizer-type": '{"type": "sentencepiece"}', "tokenizer-field": '{"type": "word"}',
+               "tokenizer-list": "[1]", "tokenizer-merges": '{"type": "bpe", "merges": 7, "specials": ["<pad>"]}'}
+    if damage in damaged:
+        (checkpoint / "tokenizer.json").write_text(damaged[damage], encoding="utf-8")
     status, out, err = run(capsys, "generate", "--checkpoint", checkpoint, "--prompt", "We will")
     assert status == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err
