@@ -84,7 +84,8 @@ def save_model(run: Run, model, task: str, metrics: dict):
 
 def harness(run: Run, part: str) -> training.Harness:
     """Checkpoints, progress, logs and data parallel processes for a part's training, from the flags."""
-    args = run.args  # a refit preset's second training checkpoints into a refit/ folder inside the first's
+    args = run.args
+    # a refit preset's second training checkpoints into a refit/ folder inside the first's (Harness.for_refit)
     return training.Harness(name=f"part_{part}", checkpoint_dir=args.out / f"checkpoint_part_{part}",
                             checkpoint_every=args.checkpoint_every, resume=args.resume, log_dir=args.log_dir,
                             progress_bar=not args.quiet and sys.stderr.isatty(), parallel=run.parallel)
@@ -468,6 +469,14 @@ def main(argv=None) -> int:
     try:
         if args.checkpoint_every < 0:
             raise ValueError(f"--checkpoint-every must be 0 (off) or positive, got {args.checkpoint_every}")
+        for flag, value in (("--workers", args.workers), ("--scaling-lm-steps", args.scaling_lm_steps),
+                            ("--scaling-cls-steps", args.scaling_cls_steps)):
+            if value is not None and value < 1:  # checked now, not after part three's first trainings
+                raise ValueError(f"{flag} must be positive, got {value}")
+        studies = [f"--{name}" for name in ("explore", "variants", "improve", "scaling", "heads", "t5", "gap")
+                   if getattr(args, name)]
+        if args.part != "three" and studies:
+            raise ValueError(f"{studies[0]} is a study of part three: use it with --part three")
         if args.part == "three" and (args.checkpoint_every or args.resume or data_parallel.launched_by_torchrun()):
             raise ValueError("checkpoints, --resume and torchrun apply to parts one and two")
         run = training.make_run(args)

@@ -137,6 +137,10 @@ def test_bad_data_gives_one_line_and_status_2(copy_of_small_data, tmp_path, caps
     (["--device", "bogus"], "device 'bogus' is not usable here"),
     (["--device", "cuda:99"], "device 'cuda:99' is not usable here"),
     (["--seeds", "0"], "--seeds must be positive, got 0"),
+    (["--part", "three", "--workers", "-1"], "--workers must be positive, got -1"),
+    (["--part", "three", "--scaling", "--scaling-lm-steps", "0"], "--scaling-lm-steps must be positive, got 0"),
+    (["--improve"], "--improve is a study of part three: use it with --part three"),
+    (["--part", "two", "--gap"], "--gap is a study of part three: use it with --part three"),
     (["--extra-test", "/nonexistent/typo.tsv"], "typo.tsv: file not found"),
     (["--part", "two", "--extra-test", "/nonexistent/typo.txt"], "typo.txt: file not found"),
 ])
