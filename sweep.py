@@ -4,7 +4,7 @@
 
 Every candidate is a selection run on the validation split (10% of train_CLS.tsv, stratified, or the last
 10% of train_LM.txt), without refit; it prints the best validation figure and its epoch or iteration, never
-a test figure. The README's second-round table (part three: improvement) comes from this script.
+a test figure. The second-round table of docs/improvement.md comes from this script.
 """
 
 import argparse

@@ -128,7 +128,7 @@ class Preset:
     lm: tuple[dict, dict] = field(default_factory=lambda: ({}, {}))
 
 
-# Named presets, in one place. "best" was chosen on validation splits only (README, part three: improve).
+# Named presets, in one place. "best" was chosen on validation splits only (docs/improvement.md).
 PRESETS = {
     "base": Preset(),
     "best": Preset(

@@ -19,7 +19,7 @@ from torch import nn
 class TransformerConfig:
     """Model options; the defaults are the course's base model (part one and part two)."""
 
-    vocab_size: int = 5755  # the handout's; main.py passes the vocabulary it builds
+    vocab_size: int = 5755  # the handout's; training.model_config passes the vocabulary the run builds
     block_size: int = 32
     n_embd: int = 64
     n_head: int = 2
@@ -196,7 +196,8 @@ class RotaryPositions(NoPositions):
     def __init__(self, config, max_len):
         super().__init__(config, max_len)
         self.head_size, self.base = config.n_embd // config.n_head, config.rope_base
-        self.register_buffer("cos_sin", rope_tables(max_len, self.head_size, self.base).transpose(0, 1), persistent=False)
+        cos_sin = rope_tables(max_len, self.head_size, self.base).transpose(0, 1)  # (length, 2, hs/2)
+        self.register_buffer("cos_sin", cos_sin, persistent=False)
 
     def rotate(self, x, start):  # x: (B, H, T, hs)
         T = x.shape[2]
@@ -299,7 +300,7 @@ def local_pattern(i, j, w, causal):
 
 def block_pattern(i, j, w, causal):
     same_block = i // w == j // w
-    return same_block | (j // w == i // w - 1) if causal else same_block
+    return (same_block | (j // w == i // w - 1)) if causal else same_block  # a decoder also sees the block before
 
 
 PATTERNS = {"full": full_pattern, "local": local_pattern, "block": block_pattern}
@@ -643,7 +644,8 @@ class TransformerLM(nn.Module):
         logits = self.lm_head(h)  # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), label_smoothing=self.config.label_smoothing)
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(),  # (B*T, V) against (B*T,)
+                                   label_smoothing=self.config.label_smoothing)
         return Output(logits, loss, attentions)
 
     def new_caches(self) -> list[KVCache]:
