@@ -295,6 +295,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of `main.py --part ...` (sweep.py and the benches reuse it for a run's defaults)."""
     base, course = TransformerConfig(), TrainingConfig()
     parser = Parser(prog="main.py", description=__doc__)
     parser.add_argument("--part", choices=PARTS, required=True)
@@ -362,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_generate_parser() -> argparse.ArgumentParser:
+    """The parser of `main.py generate`."""
     parser = Parser(prog="main.py generate", description="Continue a prompt with a saved decoder (--part two --save DIR).")
     parser.add_argument("--checkpoint", type=Path, required=True, metavar="DIR")
     parser.add_argument("--prompt", required=True)
@@ -431,6 +433,7 @@ def convert_command(argv) -> int:
 
 
 def build_gap_parser() -> argparse.ArgumentParser:
+    """The parser of `main.py gap`."""
     parser = Parser(prog="main.py gap", description="The gap to Kneser-Ney by word frequency of a saved decoder.")
     parser.add_argument("--checkpoint", type=Path, required=True, metavar="DIR", help="from --part two --save DIR")
     parser.add_argument("--data-dir", type=Path, help="the data the decoder was trained on (default: as main.py --part two)")
@@ -462,6 +465,7 @@ COMMANDS = {"generate": generate_command, "convert": convert_command, "gap": gap
 
 
 def main(argv=None) -> int:
+    """Run a subcommand or a part; exit status 0, 1 (an attention check failed), 2 (bad input), 128 + signal."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] and argv[0] in COMMANDS:
         return COMMANDS[argv[0]](argv[1:])

@@ -77,6 +77,7 @@ class TransformerConfig:
         return self
 
     def to_dict(self) -> dict:
+        """The options as a plain dict (config.json of a checkpoint)."""
         return asdict(self)
 
 
@@ -291,16 +292,19 @@ POSITIONS = {
 
 
 def full_pattern(i, j, w, causal):
+    """Every key."""
     return torch.ones_like(i - j, dtype=torch.bool)
 
 
 def local_pattern(i, j, w, causal):
+    """Keys fewer than w positions away."""
     return (i - j).abs() < w
 
 
 def block_pattern(i, j, w, causal):
+    """Keys in the query's block of w tokens (and, for a decoder, the block before)."""
     same_block = i // w == j // w
-    return (same_block | (j // w == i // w - 1)) if causal else same_block  # a decoder also sees the block before
+    return (same_block | (j // w == i // w - 1)) if causal else same_block
 
 
 PATTERNS = {"full": full_pattern, "local": local_pattern, "block": block_pattern}
@@ -315,6 +319,7 @@ class AttentionMask(nn.Module):
         self.register_buffer("allowed", self.build(max_len), persistent=False)
 
     def build(self, length: int) -> torch.Tensor:
+        """The (length, length) table of allowed (query, key) pairs."""
         index = torch.arange(length)
         i, j = index[:, None], index[None, :]
         allowed = self.pattern(i, j, self.window, self.causal)
@@ -433,6 +438,8 @@ FEEDFORWARDS = {
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + ff(norm(x)) (GPT-2 and later)."""
 
+    ends_in_norm = False  # a stack of these needs a final norm after the last block
+
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.norm1 = NORMS[config.norm](config.n_embd, config.norm_eps)
@@ -450,6 +457,8 @@ class Block(nn.Module):
 
 class PostNormBlock(Block):
     """Post-norm residual block: norm(x + attn(x)), then norm(x + ff(x)) (the original Transformer)."""
+
+    ends_in_norm = True
 
     def forward(self, x, mask, positions, start=0, cache=None, return_attention=False):
         y, attention = self.attention(x, mask, positions, start, cache, return_attention)
@@ -528,7 +537,8 @@ class Trunk(nn.Module):
         blocks = [BLOCKS[config.norm_placement](config) for _ in range(distinct)]
         self.blocks = nn.ModuleList(blocks[layer % distinct] for layer in range(config.n_layer))
         # a post-norm stack already ends in a norm
-        self.final_norm = NORMS[config.norm](config.n_embd, config.norm_eps) if config.norm_placement == "pre" else nn.Identity()
+        ends_in_norm = BLOCKS[config.norm_placement].ends_in_norm
+        self.final_norm = nn.Identity() if ends_in_norm else NORMS[config.norm](config.n_embd, config.norm_eps)
 
     def forward(self, x, key_mask=None, caches=None, return_attention=False):
         """x: (B, T, C) embeddings; key_mask: (B, Tk) True for real tokens. Returns (B, T, C) and maps."""
@@ -565,6 +575,8 @@ class Output(NamedTuple):
 class MeanPooling(nn.Module):
     """Mean of the hidden states of the real (non-padding) tokens."""
 
+    extra_tokens = 0  # positions it puts before the tokens
+
     def __init__(self, config):
         super().__init__()
 
@@ -578,6 +590,8 @@ class MeanPooling(nn.Module):
 
 class ClsPooling(MeanPooling):
     """A learned [CLS] vector is put before the tokens; its final hidden state is the summary (BERT)."""
+
+    extra_tokens = 1
 
     def __init__(self, config):
         super().__init__(config)
@@ -602,8 +616,7 @@ class TransformerClassifier(nn.Module):
         super().__init__()
         self.config = config.validate()
         self.pooling = POOLINGS[config.pooling](config)
-        extra = 1 if config.pooling == "cls" else 0
-        self.encoder = Trunk(config, causal=False, max_len=config.block_size + extra)
+        self.encoder = Trunk(config, causal=False, max_len=config.block_size + self.pooling.extra_tokens)
         self.head = nn.Sequential(
             nn.Linear(config.n_embd, config.classifier_hidden), nn.ReLU(), nn.Linear(config.classifier_hidden, config.n_classes)
         )
