@@ -1,4 +1,4 @@
-"""The course suite: python main.py --part one|two|three [options]."""
+"""The course suite: python main.py --part one|two|three [options], or main.py generate|convert|gap|sweep [options]."""
 
 import argparse
 import contextlib
@@ -18,6 +18,7 @@ import hf_bridge
 import parallel as data_parallel
 import scaling
 import seq2seq
+import sweep
 import training
 import utilities
 from baselines import audit, format_audit
@@ -295,7 +296,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of `main.py --part ...` (sweep.py and the benches reuse it for a run's defaults)."""
+    """The parser of `main.py --part ...` (the sweep subcommand and the benches reuse it for a run's defaults)."""
     base, course = TransformerConfig(), TrainingConfig()
     parser = Parser(prog="main.py", description=__doc__)
     parser.add_argument("--part", choices=PARTS, required=True)
@@ -461,7 +462,46 @@ def gap_command(argv) -> int:
     return 0
 
 
-COMMANDS = {"generate": generate_command, "convert": convert_command, "gap": gap_command}
+def seed_list(text: str) -> list[int]:
+    """--seeds 42,43,44 -> [42, 43, 44]."""
+    try:
+        return [int(seed) for seed in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
+
+
+def build_sweep_parser() -> argparse.ArgumentParser:
+    """The parser of `main.py sweep`."""
+    parser = Parser(prog="main.py sweep", description=sweep.__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=sweep.TASKS, required=True)
+    parser.add_argument("--data-dir", type=Path, help="as for main.py --part (default: speechesdataset/ or the stand-in)")
+    parser.add_argument("--seeds", type=seed_list, default=[42], help="comma-separated seeds (default 42)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, ...")
+    parser.add_argument("--candidates", default=",".join(sweep.CANDIDATES),
+                        help=f"comma-separated subset of: {', '.join(sweep.CANDIDATES)}")
+    return parser
+
+
+def sweep_command(argv) -> int:
+    """python main.py sweep --task classifier|lm [...]: validation figures of the best preset's candidates."""
+    parser = build_sweep_parser()
+    args = parser.parse_args(argv)
+    names = args.candidates.split(",")
+    unknown = [name for name in names if name not in sweep.CANDIDATES]
+    if unknown:
+        parser.error(f"unknown candidate {unknown[0]!r}")
+    torch.set_num_threads(1)  # as the --improve workers train
+    try:
+        data = ["--data-dir", str(args.data_dir)] if args.data_dir else []
+        run = training.make_run(build_parser().parse_args(["--part", "two", "--device", args.device, *data]))
+    except (DataError, ValueError, OSError) as error:
+        print(f"main.py sweep: error: {error}", file=sys.stderr)
+        return 2
+    sweep.sweep(run, args.task, names, args.seeds)
+    return 0
+
+
+COMMANDS = {"generate": generate_command, "convert": convert_command, "gap": gap_command, "sweep": sweep_command}
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,7 @@ DATA_DIR = Path(os.environ.get("SPEECHES_DATA", ROOT.parent / "shared" / "speech
 
 @pytest.fixture(autouse=True)
 def restore_torch_threads():
-    """Code under test may set torch's thread count (sweep.main_sweep does); later tests must not inherit it."""
+    """Code under test may set torch's thread count (`main.py sweep` does); later tests must not inherit it."""
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)

@@ -32,8 +32,8 @@ def test_sweep_reports_validation_only(small_data, capsys, monkeypatch):
     preset = training.PRESETS["best"]
     monkeypatch.setitem(training.PRESETS, "best", replace(preset, classifier=(preset.classifier[0],
                                                                               {**preset.classifier[1], "epochs": 2})))
-    assert sweep.main_sweep(["--data-dir", str(small_data), "--task", "classifier", "--candidates", "none",
-                             "--device", "cpu"]) == 0
+    assert main.main(["sweep", "--data-dir", str(small_data), "--task", "classifier", "--candidates", "none",
+                      "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     match = re.fullmatch(r"classifier none +seed 42: best validation acc % ([\d.]+) at (\d+)\n", out)
     assert match and int(match[2]) in (1, 2)
@@ -48,10 +48,10 @@ def test_sweep_reports_validation_only(small_data, capsys, monkeypatch):
 @pytest.mark.parametrize("argv", [["--candidates", "foo"], ["--seeds", "x"]])
 def test_sweep_rejects_bad_options(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        sweep.main_sweep(["--task", "lm", *argv])
+        main.main(["sweep", "--task", "lm", *argv])
     assert exit_info.value.code == 2
 
 
 def test_sweep_names_a_missing_data_folder(tmp_path, capsys):
-    assert sweep.main_sweep(["--task", "lm", "--data-dir", str(tmp_path / "nope")]) == 2
+    assert main.main(["sweep", "--task", "lm", "--data-dir", str(tmp_path / "nope")]) == 2
     assert "data folder not found" in capsys.readouterr().err
