@@ -241,11 +241,10 @@ class AlibiPositions(NoPositions):
         return -self.slopes * distance  # (H, Tq, Tk)
 
 
-def relative_index(start: int, T_q: int, T_k: int, clip: int, device) -> torch.Tensor:
-    """clip(i - j, -clip, clip) + clip for query positions start.. and key positions 0..: (Tq, Tk)."""
-    i = torch.arange(start, start + T_q, device=device)[:, None]
-    j = torch.arange(T_k, device=device)[None, :]
-    return (i - j).clamp(-clip, clip) + clip
+def relative_index(length: int, clip: int) -> torch.Tensor:
+    """clip(i - j, -clip, clip) + clip for query and key positions 0..length-1: (length, length)."""
+    index = torch.arange(length)
+    return (index[:, None] - index[None, :]).clamp(-clip, clip) + clip
 
 
 class DisentangledPositions(NoPositions):
@@ -259,6 +258,7 @@ class DisentangledPositions(NoPositions):
         self.head_size = config.n_embd // config.n_head
         self.key_table = nn.Parameter(torch.randn(2 * self.clip + 1, config.n_embd) * 0.02)
         self.query_table = nn.Parameter(torch.randn(2 * self.clip + 1, config.n_embd) * 0.02)
+        self.register_buffer("index", relative_index(max_len, self.clip), persistent=False)
 
     def _heads(self, table):  # (2k+1, C) -> (H, 2k+1, hs)
         return table.view(-1, self.n_head, self.head_size).transpose(0, 1)
@@ -266,7 +266,7 @@ class DisentangledPositions(NoPositions):
     def score_bias(self, q, k, start):
         B, H, T_q, _ = q.shape
         T_k = k.shape[2]
-        index = relative_index(start, T_q, T_k, self.clip, q.device)  # (Tq, Tk)
+        index = grow(self, "index", T_k, lambda n: relative_index(n, self.clip))[start : start + T_q, :T_k]  # (Tq, Tk)
         content_to_position = q @ self._heads(self.key_table).transpose(-2, -1)  # (B, H, Tq, 2k+1)
         content_to_position = content_to_position.gather(-1, index.expand(B, H, T_q, T_k))  # (B, H, Tq, Tk)
         position_to_content = k @ self._heads(self.query_table).transpose(-2, -1)  # (B, H, Tk, 2k+1)
