@@ -387,20 +387,31 @@ def load_decoder(checkpoint: Path, purpose: str):
     return model, tokenizer_json
 
 
+def checkpoint_tokenizer(checkpoint: Path, model, tokenizer_json: str):
+    """The checkpoint's tokenizer; ValueError if it has ids that the model has no embedding for."""
+    tokenizer = tokenizer_from_json(tokenizer_json)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"{checkpoint}: tokenizer.json has {tokenizer.vocab_size} tokens, the model's vocabulary "
+                         f"{model.config.vocab_size}")
+    return tokenizer
+
+
 def generate_command(argv) -> int:
     """python main.py generate --checkpoint DIR --prompt "..." [options]: print the continuation."""
     args = build_generate_parser().parse_args(argv)
     try:
         model, tokenizer_json = load_decoder(args.checkpoint, "generation")
-        tokenizer = tokenizer_from_json(tokenizer_json)
+        tokenizer = checkpoint_tokenizer(args.checkpoint, model, tokenizer_json)
         prompt = tokenizer.encode(args.prompt)
         word_level = isinstance(tokenizer, WordTokenizer)
         if not prompt:
             raise ValueError("the prompt has no tokens")
         if word_level and all(i == UNK_ID for i in prompt):
             raise ValueError(f"every word of the prompt is outside the vocabulary: {args.prompt!r}")
-        # never emit padding or specials; the word tokenizer's <unk> is not a word either
-        suppressed = (PAD_ID, UNK_ID) if word_level else tokenizer.special_ids
+        # never emit padding or specials (the word tokenizer's <unk> is not a word either), nor an id the tokenizer
+        # cannot write: a model whose vocabulary is larger than its tokenizer's (a converted one) has such ids
+        suppressed = (*((PAD_ID, UNK_ID) if word_level else tokenizer.special_ids),
+                      *range(tokenizer.vocab_size, model.config.vocab_size))
         new = generate(model, prompt, args.max_new_tokens, args.strategy, args.temperature, args.top_k, args.top_p,
                        args.beams, torch.Generator().manual_seed(args.seed), max_context=args.max_context,
                        suppress_ids=suppressed)
@@ -450,7 +461,7 @@ def gap_command(argv) -> int:
         model, tokenizer_json = load_decoder(args.checkpoint, "the gap")
         data = load_speeches(corpus.locate(args.data_dir))
         words = WordTokenizer.from_texts(data.vocabulary_texts(), data.vocabulary_cap)
-        if tokenizer_from_json(tokenizer_json).to_json() != words.to_json():
+        if checkpoint_tokenizer(args.checkpoint, model, tokenizer_json).to_json() != words.to_json():
             raise ValueError(f"{args.checkpoint}: its tokenizer is not the word vocabulary of {args.data_dir}")
         result = gap.checkpoint_gap(model, words, data, torch.device("cpu"))
         gap.report(result, args.out, not args.no_plots)

@@ -290,7 +290,7 @@ def tokenizer_from_json(text: str) -> WordTokenizer | ByteBPETokenizer:
     """Rebuild either tokenizer from its `to_json` output, by its "type"; ValueError if the JSON cannot be one."""
     state = json.loads(text)
     if not isinstance(state, dict):
-        raise ValueError(f"tokenizer JSON: expected an object, got {type(state).__name__}")
+        raise ValueError(f"tokenizer JSON: expected a JSON dict, got {type(state).__name__}")
     kind = state.get("type")
     if kind not in TOKENIZERS:
         raise ValueError(f"unknown tokenizer type {kind!r}; expected one of {sorted(TOKENIZERS)}")
@@ -298,5 +298,7 @@ def tokenizer_from_json(text: str) -> WordTokenizer | ByteBPETokenizer:
         return TOKENIZERS[kind].from_json(text)
     except KeyError as missing:  # a hand-edited or truncated file: name the field rather than show a traceback
         raise ValueError(f"{kind} tokenizer JSON: field {missing} is missing") from None
-    except TypeError as error:
+    except (TypeError, AttributeError) as error:  # e.g. merges that are a number, a special token that is not text
         raise ValueError(f"{kind} tokenizer JSON: a field has the wrong type ({error})") from None
+    except ValueError as error:  # e.g. a merge that is not a pair: say which file's field it was
+        raise ValueError(f"{kind} tokenizer JSON: {error}") from None

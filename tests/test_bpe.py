@@ -238,6 +238,8 @@ def test_tokenizer_from_json_dispatches_on_type(tokenizer):
     assert tokenizer_from_json(words.to_json()).itos == words.itos
     with pytest.raises(ValueError):
         tokenizer_from_json(json.dumps({"type": "sentencepiece"}))
+    with pytest.raises(ValueError, match="expected a JSON dict, got list"):
+        tokenizer_from_json("[1]")
 
 
 @pytest.mark.parametrize("merges", [[[0, OFFSET]], [[OFFSET, 10_000]], [[OFFSET, OFFSET], [OFFSET, OFFSET]]])

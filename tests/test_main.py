@@ -316,6 +316,9 @@ def tiny_checkpoint(directory, model_class, kind):
     ("tokenizer-field", "word tokenizer JSON: field 'itos' is missing"),
     ("tokenizer-list", "tokenizer.json: expected a JSON dict, got list"),
     ("tokenizer-merges", "bpe tokenizer JSON: a field has the wrong type"),
+    ("tokenizer-special", "bpe tokenizer JSON: a field has the wrong type"),
+    ("tokenizer-pair", "bpe tokenizer JSON: not enough values to unpack"),
+    ("tokenizer-larger", "tokenizer.json has 6 tokens, the model's vocabulary 4"),
 ])
 def test_generate_refuses_an_unusable_checkpoint_in_one_line(tmp_path, capsys, damage, message):
     checkpoint = tiny_checkpoint(tmp_path / "run", *((TransformerClassifier, "classifier") if damage == "classifier"
@@ -323,9 +326,25 @@ def test_generate_refuses_an_unusable_checkpoint_in_one_line(tmp_path, capsys, d
     if damage == "config-list":
         (checkpoint / "config.json").write_text("[1, 2]", encoding="utf-8")
     damaged = {"tokenizer-type": '{"type": "sentencepiece"}', "tokenizer-field": '{"type": "word"}',
-               "tokenizer-list": "[1]", "tokenizer-merges": '{"type": "bpe", "merges": 7, "specials": ["<pad>"]}'}
+               "tokenizer-list": "[1]", "tokenizer-merges": '{"type": "bpe", "merges": 7, "specials": ["<pad>"]}',
+               "tokenizer-special": '{"type": "bpe", "merges": [], "specials": ["<pad>", 5]}',
+               "tokenizer-pair": '{"type": "bpe", "merges": [[1]], "specials": ["<pad>"]}',
+               "tokenizer-larger": '{"type": "word", "itos": ["<pad>", "<unk>", "We", "will", "go", "on"]}'}
     if damage in damaged:
         (checkpoint / "tokenizer.json").write_text(damaged[damage], encoding="utf-8")
     status, out, err = run(capsys, "generate", "--checkpoint", checkpoint, "--prompt", "We will")
     assert status == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+def test_generate_never_emits_an_id_the_tokenizer_cannot_write(tmp_path, capsys):
+    """A model whose vocabulary outgrows its tokenizer's (ids 4..39 here, which it prefers) still prints words."""
+    torch.manual_seed(0)
+    model = TransformerLM(TransformerConfig(vocab_size=40, block_size=8, n_embd=8, n_head=2, n_layer=1, ff_hidden=8))
+    with torch.no_grad():
+        model.lm_head.bias[4:] = 100.0
+    tokenizer = json.dumps({"type": "word", "itos": ["<pad>", "<unk>", "We", "will"]})
+    checkpoint = utilities.save_checkpoint(tmp_path / "run", model, {**model.config.to_dict(), "model": "lm"}, tokenizer, {})
+    status, out, err = run(capsys, "generate", "--checkpoint", checkpoint, "--prompt", "We will", "--max-new-tokens", "6")
+    assert status == 0, err
+    assert len(out.split()) == 8 and set(out.split()) <= {"We", "will"}
