@@ -508,11 +508,15 @@ def sweep_command(argv) -> int:
     except (DataError, ValueError, OSError) as error:
         print(f"main.py sweep: error: {error}", file=sys.stderr)
         return 2
-    sweep.sweep(run, args.task, names, args.seeds)
+    sweep.print_best_validations(run, args.task, names, args.seeds)
     return 0
 
 
 COMMANDS = {"generate": generate_command, "convert": convert_command, "gap": gap_command, "sweep": sweep_command}
+
+
+PART_THREE_OPTIONS = ("explore", "variants", "improve", "scaling", "scaling_full", "scaling_lm_steps", "scaling_cls_steps",
+                      "heads", "t5", "gap", "seeds", "workers")
 
 
 def main(argv=None) -> int:
@@ -520,7 +524,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] and argv[0] in COMMANDS:
         return COMMANDS[argv[0]](argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         if args.checkpoint_every < 0:
             raise ValueError(f"--checkpoint-every must be 0 (off) or positive, got {args.checkpoint_every}")
@@ -528,10 +533,10 @@ def main(argv=None) -> int:
                             ("--scaling-cls-steps", args.scaling_cls_steps)):
             if value is not None and value < 1:  # checked now, not after part three's first trainings
                 raise ValueError(f"{flag} must be positive, got {value}")
-        studies = [f"--{name}" for name in ("explore", "variants", "improve", "scaling", "heads", "t5", "gap")
-                   if getattr(args, name)]
+        # the options of part three's studies, given to part one or two, would be silently ignored
+        studies = [name for name in PART_THREE_OPTIONS if getattr(args, name) != parser.get_default(name)]
         if args.part != "three" and studies:
-            raise ValueError(f"{studies[0]} is a study of part three: use it with --part three")
+            raise ValueError(f"--{studies[0].replace('_', '-')} applies to part three only: use it with --part three")
         if args.part == "three" and (args.checkpoint_every or args.resume or data_parallel.launched_by_torchrun()):
             raise ValueError("checkpoints, --resume and torchrun apply to parts one and two")
         run = training.make_run(args)

@@ -40,7 +40,7 @@ def best_validation(run, task: str, changes: dict, seed: int) -> tuple[int, floa
     return best[step], best[figure]
 
 
-def sweep(run, task: str, names: list[str], seeds: list[int]):
+def print_best_validations(run, task: str, names: list[str], seeds: list[int]):
     """Print the best validation figure, and its epoch or iteration, of each candidate and seed."""
     unit = "ppl" if task == "lm" else "acc %"
     for name in names:
