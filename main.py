@@ -413,8 +413,8 @@ def main(argv=None) -> int:
     try:
         if args.checkpoint_every < 0:
             raise ValueError(f"--checkpoint-every must be 0 (off) or positive, got {args.checkpoint_every}")
-        for flag, value in (("--workers", args.workers), ("--scaling-lm-steps", args.scaling_lm_steps),
-                            ("--scaling-cls-steps", args.scaling_cls_steps)):
+        for flag, value in (("--seeds", args.seeds), ("--workers", args.workers),
+                            ("--scaling-lm-steps", args.scaling_lm_steps), ("--scaling-cls-steps", args.scaling_cls_steps)):
             if value is not None and value < 1:  # checked now, not after part three's first trainings
                 raise ValueError(f"{flag} must be positive, got {value}")
         # the options of part three's studies, given to part one or two, would be silently ignored

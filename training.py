@@ -203,8 +203,6 @@ def resolve_device(name: str) -> torch.device:
 
 def make_run(args, log=print) -> Run:
     """Read the data and build the vocabulary once for a whole command; `log` says which data."""
-    if args.seeds < 1:
-        raise ValueError(f"--seeds must be positive, got {args.seeds}")
     device = resolve_device(args.device)
     check_precision(args.precision, device)
     data = load_speeches(corpus.locate(args.data_dir, args.corpus, args.cache_dir, log))

@@ -72,14 +72,19 @@ class TorchLayerNorm(LayerNorm):
 NORMS = {"ours": LayerNorm, "hand": HandLayerNorm, "torch": TorchLayerNorm}
 
 
+def use_norm(model: torch.nn.Module, norm: str) -> torch.nn.Module:
+    """`model` with every LayerNorm's forward that of NORMS[norm]: the same parameters, another forward."""
+    for module in model.modules():
+        if type(module) is LayerNorm:
+            module.__class__ = NORMS[norm]
+    return model
+
+
 def time_steps(task: str, precision: str, compile_it: bool, steps: int, device, norm: str = "ours") -> dict:
     """Seconds of the first step (compilation included) and the mean of the next `steps` (after 10 warm-up steps)."""
     torch.manual_seed(0)
     model_class = TransformerClassifier if task == "classifier" else TransformerLM
-    model = model_class(TransformerConfig(vocab_size=VOCABULARY)).to(device).train()
-    for module in model.modules():
-        if type(module) is LayerNorm:
-            module.__class__ = NORMS[norm]  # the same parameters, another forward
+    model = use_norm(model_class(TransformerConfig(vocab_size=VOCABULARY)).to(device).train(), norm)
     forward = compiled(model, device, SINGLE) if compile_it else model  # what --compile does
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # as training.fit: fp16 needs one

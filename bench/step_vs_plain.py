@@ -22,21 +22,17 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench_steps import NORMS, VOCABULARY, batch  # noqa: E402  (this folder's)
+from bench_steps import VOCABULARY, batch, use_norm  # noqa: E402  (this folder's)
+from speed_vs_plain import PLAIN  # noqa: E402
 
 from training import keep_freed_memory  # noqa: E402
-from transformer import LayerNorm, TransformerClassifier, TransformerConfig  # noqa: E402
-
-PLAIN = ROOT.parent / "shared" / "bench" / "plain_course.py"
+from transformer import TransformerClassifier, TransformerConfig  # noqa: E402
 
 
 def ours(norm: str):
     """A step of our classifier, every LayerNorm's forward that of NORMS[norm]."""
     torch.manual_seed(0)
-    model = TransformerClassifier(TransformerConfig(vocab_size=VOCABULARY)).train()
-    for module in model.modules():
-        if type(module) is LayerNorm:
-            module.__class__ = NORMS[norm]
+    model = use_norm(TransformerClassifier(TransformerConfig(vocab_size=VOCABULARY)).train(), norm)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
 
     def step(ids, labels):
