@@ -130,6 +130,44 @@ def overlap_flags(speeches: Speeches) -> dict[str, list[bool]]:
     return {"in_train_cls": in_cls, "in_train_lm": in_lm, "in_neither": [not (a or b) for a, b in zip(in_cls, in_lm)]}
 
 
+def lines_of(text: str) -> list[str]:
+    """Non-blank lines, stripped."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def audit(speeches: Speeches) -> dict:
+    """Counts of exact-text overlaps between every pair of splits (segments, lines, substrings of train_LM.txt)."""
+    train_cls, train_lm = set(speeches.train_cls.texts), speeches.train_lm
+    train_lm_lines = set(lines_of(train_lm))
+    labelled = set(zip(speeches.train_cls.texts, speeches.train_cls.labels))
+    test = speeches.test_cls
+    test_cls = {"segments": len(test.texts), **{k: sum(v) for k, v in overlap_flags(speeches).items()},
+                "in_train_lm_as_line": sum(text in train_lm_lines for text in test.texts),
+                "in_train_cls_same_label": sum(pair in labelled for pair in zip(test.texts, test.labels))}
+    test_lm = {name: {"lines": len(lines), "in_train_cls": sum(line in train_cls for line in lines),
+                      "in_train_lm": sum(line in train_lm for line in lines)}
+               for name, lines in ((name, lines_of(text)) for name, text in speeches.test_lm.items())}
+    train = {"train_cls_segments": len(speeches.train_cls.texts), "train_cls_in_train_lm": sum(t in train_lm for t in train_cls),
+             "train_cls_distinct": len(train_cls), "train_lm_lines": len(train_lm_lines),
+             "train_lm_lines_in_train_cls": len(train_lm_lines & train_cls)}
+    return {"test_cls": test_cls, "test_lm": test_lm, "train": train}
+
+
+def format_audit(report: dict) -> str:
+    """The audit as a few readable lines."""
+    cls, train = report["test_cls"], report["train"]
+    lines = [f"test_CLS: {cls['segments']} segments; {cls['in_train_cls']} in train_CLS.tsv "
+             f"({cls['in_train_cls_same_label']} with the same label), {cls['in_train_lm']} in train_LM.txt "
+             f"({cls['in_train_lm_as_line']} as a whole line), {cls['in_neither']} in neither"]
+    lines += [f"test_LM_{name}: {c['lines']} lines; {c['in_train_cls']} are train_CLS segments "
+              f"({100 * c['in_train_cls'] / c['lines']:.0f}%), {c['in_train_lm']} in train_LM.txt"
+              for name, c in report["test_lm"].items()]
+    lines.append(f"train_CLS vs train_LM: {train['train_cls_in_train_lm']} of {train['train_cls_distinct']} distinct "
+                 f"segments occur in train_LM.txt; {train['train_lm_lines_in_train_cls']} of {train['train_lm_lines']} "
+                 "distinct train_LM lines are train_CLS segments")
+    return "\n".join(lines)
+
+
 def encode_segments(tokenizer, texts: list[str], block_size: int) -> torch.Tensor:
     """Token ids truncated to `block_size` and right-padded with `<pad>`: (N, block_size)."""
     ids = torch.full((len(texts), block_size), PAD_ID, dtype=torch.long)

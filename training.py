@@ -6,12 +6,9 @@ functions; nothing here knows about argparse.
 
 import contextlib
 import copy
-import ctypes
 import hashlib
 import math
-import os
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -19,9 +16,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import corpus
-import parallel as data_parallel
-from checkpointing import STATE_FILE, Checkpointer, StopRequest, TrainingInterrupted, identity
 from dataset import (
     INPUT_NOISES,
     TEST_LM,
@@ -29,6 +23,7 @@ from dataset import (
     DataError,
     EpochBatches,
     LabelledSegments,
+    Speeches,
     TokenDropout,
     WindowBatches,
     consecutive_windows,
@@ -39,8 +34,12 @@ from dataset import (
     split_lines,
     stratified_split,
 )
-from parallel import SINGLE, Parallel
-from progress import StepLogger
+from runtime import corpus
+from runtime import parallel as data_parallel
+from runtime.corpus import DEFAULT_CACHE
+from runtime.parallel import SINGLE, Parallel
+from runtime.progress import StepLogger
+from runtime.resume import STATE_FILE, Checkpointer, StopRequest, TrainingInterrupted, identity
 from tokenizer import ByteBPETokenizer, WordTokenizer
 from transformer import TransformerClassifier, TransformerConfig, TransformerLM, count_parameters
 
@@ -144,49 +143,62 @@ PRESETS = {
 }
 
 
+MODEL_FLAGS = ("block_size", "n_embd", "n_head", "n_layer", "ff_hidden")  # the sizes a command line may set
+TRAINING_FLAGS = ("batch_size", "learning_rate", "epochs", "max_iters", "eval_interval", "grad_accum")
+
+
+@dataclass
+class RunSettings:
+    """What a command's Run is built from (make_run's keywords); plain values, so a worker process rebuilds the same Run."""
+
+    data_dir: Path | None = None  # None: speechesdataset/ if it holds the six files, else `corpus`
+    corpus: str = "auto"  # auto | course | sotu-standin | sotu-all (runtime/corpus.py)
+    cache_dir: Path = DEFAULT_CACHE  # where built corpora are kept
+    out: Path = Path("results")  # JSON, plots and heatmaps
+    device: str = "auto"  # auto: CUDA if present, else CPU
+    tokenizer: str = "word"  # word (the course's) | bpe
+    bpe_vocab: int = 2000
+    preset: str = "base"  # PRESETS: base is the course's model and training
+    model_flags: dict = field(default_factory=dict)  # MODEL_FLAGS set on top of the preset
+    training_flags: dict = field(default_factory=dict)  # TRAINING_FLAGS set on top of the preset
+    precision: str = "fp32"  # how to run the training, not what it computes: no preset sets these two
+    compile: bool = False
+    plots: bool = True  # PNG figures and attention heatmaps
+
+    def validate(self) -> "RunSettings":
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
+        for given, allowed in ((self.model_flags, MODEL_FLAGS), (self.training_flags, TRAINING_FLAGS)):
+            unknown = sorted(set(given) - set(allowed))
+            if unknown:
+                raise ValueError(f"unknown option {unknown[0]!r}; choose from {', '.join(allowed)}")
+        return self
+
+
 @dataclass
 class Run:
-    """What every part needs: options, data, tokenizer, device and output folder."""
+    """What every part needs: its settings, the data and tokenizer read once, the device."""
 
-    args: object
-    data: object
+    settings: RunSettings
+    data: Speeches
     tokenizer: WordTokenizer | ByteBPETokenizer
     device: torch.device
-    out: object
     words: WordTokenizer  # counts words for word-level perplexity, whatever the model's tokenizer
     parallel: Parallel = SINGLE  # this process among torchrun's data parallel processes
     extra_tests: dict = field(default_factory=dict)  # --extra-test file name -> its contents, read before training
 
     @property
-    def heatmap_dir(self):
-        """Where attention heatmaps go; None with --no-plots."""
-        return None if self.args.no_plots else self.out / "attention"
+    def out(self) -> Path:
+        """The output folder."""
+        return self.settings.out
+
+    @property
+    def heatmap_dir(self) -> Path | None:
+        """Where attention heatmaps go; None without plots."""
+        return self.out / "attention" if self.settings.plots else None
 
 
 # ---------------------------------------------------------------- a command's run: device, data, configs
-
-
-MMAP_THRESHOLD = 32 << 20  # bytes: blocks below this come from malloc's heap, where a free keeps them for reuse
-TRIM_THRESHOLD = 128 << 20  # bytes: the heap's free top goes back to the system only above this
-
-
-def keep_freed_memory():
-    """Let glibc's malloc keep freed blocks of up to MMAP_THRESHOLD for reuse instead of handing each back."""
-    # torch's CPU tensors come straight from malloc, and glibc's defaults hand many frees of a decoder step's 11.5 MB
-    # arrays (logits, softmax, gradient) back to the system, so the next step faults the same pages in again (4 M
-    # page faults, a fifth of part two's time: docs/training.md). No-op on other C libraries, or when the
-    # environment already sets these thresholds (glibc reads MALLOC_*_THRESHOLD_ and GLIBC_TUNABLES at start-up).
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if (sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ
-            or "malloc.mmap_threshold" in tunables or "malloc.trim_threshold" in tunables):
-        return
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
-    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-    mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -201,38 +213,33 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def make_run(args, log=print) -> Run:
-    """Read the data and build the vocabulary once for a whole command; `log` says which data."""
-    device = resolve_device(args.device)
-    check_precision(args.precision, device)
-    data = load_speeches(corpus.locate(args.data_dir, args.corpus, args.cache_dir, log))
+def make_run(*, log=print, **settings) -> Run:
+    """Read the data and build the vocabulary once for a whole command (keywords: RunSettings' fields); `log` says
+    which data."""
+    settings = RunSettings(**settings).validate()
+    device = resolve_device(settings.device)
+    check_precision(settings.precision, device)
+    data = load_speeches(corpus.locate(settings.data_dir, settings.corpus, settings.cache_dir, log))
     words = WordTokenizer.from_texts(data.vocabulary_texts(), data.vocabulary_cap)
-    tokenizer = words if args.tokenizer == "word" else ByteBPETokenizer.from_texts(data.vocabulary_texts(), args.bpe_vocab)
-    return Run(args, data, tokenizer, device, args.out, words)
-
-
-MODEL_FLAGS = ("block_size", "n_embd", "n_head", "n_layer", "ff_hidden")
-TRAINING_FLAGS = ("batch_size", "learning_rate", "epochs", "max_iters", "eval_interval", "grad_accum")
-RUN_FLAGS = ("precision", "compile")  # how to run the training, not what it computes: no preset sets them
-
-
-def flags(args, names) -> dict:
-    """The options among `names` given on the command line (None means: not given)."""
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    tokenizer = (words if settings.tokenizer == "word"
+                 else ByteBPETokenizer.from_texts(data.vocabulary_texts(), settings.bpe_vocab))
+    return Run(settings, data, tokenizer, device, words)
 
 
 def model_config(run: Run, task: str, preset: str | None = None, **changes) -> TransformerConfig:
-    """The course base model, then the preset's changes for `task` (default --preset), the size flags given,
-    then `changes`."""
-    preset = getattr(PRESETS[preset or run.args.preset], task)[0]
+    """The course base model, then the preset's changes for `task` (default: the run's preset), the size flags
+    given, then `changes`."""
+    preset = getattr(PRESETS[preset or run.settings.preset], task)[0]
     config = TransformerConfig(vocab_size=run.tokenizer.vocab_size, n_classes=len(run.data.class_names))
-    return replace(config, **{**preset, **flags(run.args, MODEL_FLAGS), **changes}).validate()
+    return replace(config, **{**preset, **run.settings.model_flags, **changes}).validate()
 
 
 def training_config(run: Run, task: str, preset: str | None = None) -> TrainingConfig:
-    """The course training, then the preset's changes for `task` (default --preset), then the training flags given."""
-    preset = getattr(PRESETS[preset or run.args.preset], task)[1]
-    return replace(TrainingConfig(), **{**preset, **flags(run.args, TRAINING_FLAGS), **flags(run.args, RUN_FLAGS)}).validate()
+    """The course training, then the preset's changes for `task` (default: the run's preset), then the training
+    flags given and how to run it (precision, compile)."""
+    preset = getattr(PRESETS[preset or run.settings.preset], task)[1]
+    return replace(TrainingConfig(), **{**preset, **run.settings.training_flags, "precision": run.settings.precision,
+                                        "compile": run.settings.compile}).validate()
 
 
 REFIT_FOLDER = "refit"  # inside a selection run's checkpoint folder: the refit's checkpoints
@@ -604,7 +611,7 @@ def train_language_model(run: Run, config: TransformerConfig, training: Training
         if validation_stream is not None:
             row["validation_perplexity"] = perplexity(model, validation_stream, config.block_size, run.device)
             row["validation_score"] = row["validation_perplexity"]
-        if run.args.tokenizer != "word":  # per-token perplexities of different tokenizers are not comparable
+        if run.settings.tokenizer != "word":  # per-token perplexities of different tokenizers are not comparable
             row["word_perplexity"] = {name: word_perplexity(run, model, text, config.block_size)
                                       for name, text in run.data.test_lm.items()}
         log(f"{step:>9} | {row['train_perplexity']:>9.2f} | " + " | ".join(f"{v:>8.2f}" for v in row["perplexity"].values())

@@ -39,6 +39,13 @@ def write_json(path: Path, data) -> Path:
     return write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def write_tables(tables: dict[str, str], out: Path, log=print):
+    """Print each Markdown table under its name and write it as OUT/NAME.md."""
+    for name, table in tables.items():
+        log(f"\n{name}\n{table}")
+        write_text(out / f"{name}.md", table + "\n")
+
+
 def pyplot():
     """matplotlib.pyplot on the file-only backend, imported on first use: a run with --no-plots never loads it."""
     import matplotlib

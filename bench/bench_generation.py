@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules, from any folder
-from generation import generate
+from models.generation import generate
 from transformer import Output, TransformerConfig, TransformerLM
 
 CASES = [("learned", None), ("rope", None), ("rope", 1024), ("alibi", 1024)]  # (position, max_context)

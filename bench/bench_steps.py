@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules, from any folder
-from parallel import SINGLE
+from runtime.parallel import SINGLE
 from training import autocast, compiled
 from transformer import LayerNorm, TransformerClassifier, TransformerConfig, TransformerLM
 

@@ -25,12 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import averaging
-import experiments
-import main
-import pretraining
 import training
 import utilities
+from models import averaging
+from runtime.memory import keep_freed_memory
+from studies import pretraining, workers
 from transformer import TransformerClassifier
 
 # row -> (pretrain the encoder first, token dropout on, evaluate a moving average of the weights); the rates and the
@@ -69,7 +68,7 @@ def train_row(job: tuple) -> tuple[tuple, dict]:
     """One (row, seed, masking, token dropout, decay, refit, cache folder) job in a worker: figures, validation
     accuracy, probabilities; its seconds are the training's (pretraining included, even when it came from the cache)."""
     row, seed, masking, dropout_rate, decay, refit, cache = job
-    run = experiments.worker_run()
+    run = workers.worker_run()
     pretrain, drop, average = ROWS[row]
     wrap_builder = partial(averaging.ema_builder, decay, model_class=TransformerClassifier) if average else None
     config = training.model_config(run, "classifier", preset="best")
@@ -169,18 +168,18 @@ def jobs_of(args) -> list[tuple]:
 
 def main_bench(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    training.keep_freed_memory()  # the process setting main.py makes
+    keep_freed_memory()  # the process setting main.py makes
     try:
         jobs = jobs_of(args)
-        run_args = main.build_parser().parse_args(["--part", "one", "--data-dir", str(args.data_dir), "--out", str(args.out)])
-        run = training.make_run(run_args)
+        settings = training.RunSettings(data_dir=args.data_dir, out=args.out)
+        run = training.make_run(**vars(settings))
     except ValueError as error:  # DataError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         return 2
     started, done, tuning = time.perf_counter(), {}, []
     kept = {} if args.tune else {job: json.loads(job_path(job, args.out).read_text()) for job in jobs
                                  if job_path(job, args.out).exists()}
-    fresh = experiments.map_jobs(run_args, [job for job in jobs if job not in kept], args.workers, train_row)
+    fresh = workers.map_jobs(settings, [job for job in jobs if job not in kept], args.workers, train_row)
     for job, result in itertools.chain(kept.items(), fresh):  # fresh results print and save as they come
         row, seed, masking, rate, decay, *_ = job
         if not args.tune and job not in kept:

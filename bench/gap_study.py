@@ -9,10 +9,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import gap
-import main
 import training
 import utilities
+from runtime.memory import keep_freed_memory
+from studies import gap
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -22,12 +22,12 @@ if __name__ == "__main__":
     parser.add_argument("--decoders", default=",".join(gap.HEADLINE),
                         help="comma-separated rows of gap.DECODERS (default: gap.HEADLINE, the rows --gap trains)")
     args = parser.parse_args()
-    training.keep_freed_memory()  # the process setting main.py makes
+    keep_freed_memory()  # the process setting main.py makes
     unknown = [name for name in args.decoders.split(",") if name not in gap.DECODERS]
     if unknown:
         parser.error(f"unknown decoder row(s) {', '.join(unknown)}; the rows are {', '.join(gap.DECODERS)}")
-    run = training.make_run(main.build_parser().parse_args(
-        ["--part", "three", "--data-dir", str(args.data_dir), "--out", str(args.out), "--seed", str(args.seed)]))
+    run = training.make_run(data_dir=args.data_dir, out=args.out)
     result = gap.study(run, args.seed, args.decoders.split(","))
-    gap.report(result, args.out, plots=True)
+    utilities.write_tables(gap.tables(result), args.out)
+    gap.plot(result, args.out)
     print(f"wrote {utilities.write_json(args.out / 'gap.json', result)} ({result['seconds']:.0f} s)")

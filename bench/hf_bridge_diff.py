@@ -11,8 +11,8 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import hf_bridge
 import utilities
+from tools import hf_bridge
 
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()

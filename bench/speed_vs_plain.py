@@ -8,7 +8,7 @@ heatmaps, as a learner runs it; `--main-args --no-plots` leaves them out) and th
 the machine's load hits both alike. Wall time is what the issue's ratios are; CPU time (user + system of the
 child) is printed beside it because it moves much less on a shared machine.
 
-main.py sets glibc's malloc to keep freed blocks (training.keep_freed_memory); the yardstick does not. So that the
+main.py sets glibc's malloc to keep freed blocks (runtime/memory.py); the yardstick does not. So that the
 ratio is not read as a model or loop advantage, each repeat also runs the yardstick with the same setting given
 through glibc's environment variables (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_): a third program per
 repeat, the table's last two columns.
@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from training import MMAP_THRESHOLD, TRIM_THRESHOLD  # noqa: E402  (training.keep_freed_memory's)
+from runtime.memory import MMAP_THRESHOLD, TRIM_THRESHOLD  # noqa: E402
 
 PLAIN = ROOT.parent / "shared" / "bench" / "plain_course.py"
 TASKS = {"one": "classifier", "two": "lm"}  # our part -> the yardstick's task

@@ -6,7 +6,7 @@ Cases, each a classifier step (batch 16 x 32 tokens, padded, as bench_steps.batc
 as training.fit); ours with every LayerNorm's forward swapped for the hand-derived-backward or torch's fused one
 (bench_steps' norm cases); the yardstick's model with its own Adam, and with our fused AdamW. The rounds alternate
 between the cases, so a change in the machine's load hits all alike; the table gives the median and the fastest
-round, in wall ms per step. Both programs run here with our malloc setting (training.keep_freed_memory).
+round, in wall ms per step. Both programs run here with our malloc setting (runtime/memory.py).
 --profile adds torch.profiler's autograd-node totals per step, ours beside the yardstick's (the profiler slows both).
 """
 
@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from bench_steps import VOCABULARY, batch, use_norm  # noqa: E402  (this folder's)
 from speed_vs_plain import PLAIN  # noqa: E402
 
-from training import keep_freed_memory  # noqa: E402
+from runtime.memory import keep_freed_memory  # noqa: E402
 from transformer import TransformerClassifier, TransformerConfig  # noqa: E402
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-import parallel as data_parallel
 from dataset import EpochBatches
-from parallel import Parallel
+from runtime import parallel as data_parallel
+from runtime.parallel import Parallel
 from tokenizer import PAD_ID
 from training import Harness, TrainingConfig, fit
 from transformer import TransformerClassifier, TransformerConfig

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import baselines
-from baselines import KneserNeyTrigram, NaiveBayes, audit, format_audit
-from dataset import load_speeches, overlap_flags
+from dataset import audit, format_audit, load_speeches, overlap_flags
+from studies import baselines
+from studies.baselines import KneserNeyTrigram, NaiveBayes
 from tokenizer import WordTokenizer
 
 # ---------------------------------------------------------------- naive Bayes
@@ -136,9 +136,9 @@ def test_classifier_groups_follow_the_audit(tiny_speeches):
 # ---------------------------------------------------------------- the course data
 
 
-def test_audit_counts_on_the_course_data(data_dir):
+def test_audit_counts_on_the_course_data(course_data):
     """The audit against the same counts done here with plain set and substring operations, no tokenizer."""
-    speeches = load_speeches(data_dir)
+    speeches = load_speeches(course_data)
     train_cls, test = set(speeches.train_cls.texts), speeches.test_cls.texts
     in_cls = sum(text in train_cls for text in test)
     in_lm = sum(text in speeches.train_lm for text in test)
@@ -149,8 +149,8 @@ def test_audit_counts_on_the_course_data(data_dir):
     assert (len(test), in_cls, in_neither) == (750, 551, 122)  # the figures the README quotes
 
 
-def test_baselines_on_the_course_data(data_dir):
-    speeches = load_speeches(data_dir)
+def test_baselines_on_the_course_data(course_data):
+    speeches = load_speeches(course_data)
     tokenizer = WordTokenizer.from_texts(speeches.vocabulary_texts())
     train = [baselines.ngram_counts(tokenizer, text) for text in speeches.train_cls.texts]
     test = [baselines.ngram_counts(tokenizer, text) for text in speeches.test_cls.texts]

@@ -8,27 +8,15 @@ from pathlib import Path
 
 import pytest
 
-import corpus
 import main
-import scaling
 import training
-from baselines import audit
-from dataset import DATA_FILES, TEST_CLS, TRAIN_LM, DataError, load_speeches
+from dataset import DATA_FILES, TEST_CLS, TRAIN_LM, DataError, audit, load_speeches
+from runtime import corpus
+from studies import scaling
+from studies.study import Context
 
 TINY = ["--no-plots", "--n-layer", "1", "--n-embd", "32", "--ff-hidden", "32", "--batch-size", "64", "--epochs", "1",
         "--max-iters", "10", "--eval-interval", "10"]
-
-
-@pytest.fixture(scope="session")
-def cache(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpora")
-    corpus.ensure("sotu-standin", root, log=lambda *a: None)
-    return root
-
-
-@pytest.fixture(scope="session")
-def standin(cache) -> Path:
-    return cache / "sotu-standin"
 
 
 def last_addresses() -> dict[str, str]:
@@ -181,13 +169,14 @@ def test_scaling_study_on_tiny_slices_scores_every_point_on_the_same_test_tokens
     # in-process, on the stand-in instead of sotu-all: the study's logic, not its size
     monkeypatch.setattr(scaling, "LM_TOKENS", (3_000, 6_000))
     monkeypatch.setattr(scaling, "CLS_SEGMENTS", (300, 600))
-    monkeypatch.setattr(scaling, "scaling_args", lambda args: args)
+    monkeypatch.setattr(scaling, "scaling_settings", lambda settings: settings)
     monkeypatch.setattr(scaling, "EVALUATIONS", 1)
     threads = training.torch.get_num_threads()
-    args = main.build_parser().parse_args(["--part", "three", "--data-dir", str(standin), "--out", str(tmp_path),
-                                           "--n-layer", "1", "--n-embd", "32", "--batch-size", "64", "--scaling-lm-steps", "10",
-                                           "--scaling-cls-steps", "10"])
-    results = scaling.study(args, workers=1, log=lambda *a: None)
+    run = training.make_run(data_dir=standin, out=tmp_path, model_flags={"n_layer": 1, "n_embd": 32},
+                            training_flags={"batch_size": 64}, log=lambda *a: None)
+    options = {"scaling_full": False, "scaling_lm_steps": 10, "scaling_cls_steps": 10}
+    results, failures = scaling.study(run, Context(seed=42, seeds=1, workers=1, options=options), log=lambda *a: None)
+    assert failures == []
     assert training.torch.get_num_threads() == threads
     assert set(results["lm"]) == {"base", "best", "kneser_ney"}
     assert set(results["classifier"]) == {"base", "best", "naive_bayes", "tfidf_logreg"}

@@ -4,9 +4,9 @@ and span corruption against its definition."""
 import pytest
 import torch
 
-import seq2seq
-from encoder_decoder import EncoderDecoder
-from generation import generate
+from models.encoder_decoder import EncoderDecoder
+from models.generation import generate
+from studies import span_corruption as seq2seq
 from transformer import TransformerConfig
 
 V, PAD = 30, 0

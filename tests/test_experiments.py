@@ -6,21 +6,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import experiments
-import main
-from experiments import Job
+import training
+from studies import improvement, workers
+from studies.workers import Job
 
 
 def test_the_pool_and_one_process_train_the_same_models(small_data):
     """The only test that starts worker processes: the others run their jobs in-process (--workers 1)."""
-    args = main.build_parser().parse_args(["--part", "three", "--data-dir", str(small_data), "--device", "cpu",
-                                           "--epochs", "1", "--max-iters", "10", "--eval-interval", "10",
-                                           "--n-layer", "1", "--n-embd", "16", "--block-size", "16", "--no-plots"])
+    settings = training.RunSettings(data_dir=small_data, device="cpu", plots=False,
+                                    training_flags={"epochs": 1, "max_iters": 10, "eval_interval": 10},
+                                    model_flags={"n_layer": 1, "n_embd": 16, "block_size": 16})
     jobs = [Job("classifier", "base", 3), Job("lm", "alibi", 3, {"position": "alibi"})]
     threads = torch.get_num_threads()
-    pooled, pooled_failures = experiments.run_jobs(args, jobs, 2, log=lambda *a: None)
-    here, here_failures = experiments.run_jobs(args, jobs, 1, log=lambda *a: None)
-    assert torch.get_num_threads() == threads and not experiments._WORKER  # the in-process run leaves nothing behind
+    pooled, pooled_failures = workers.run_jobs(settings, jobs, 2, log=lambda *a: None)
+    here, here_failures = workers.run_jobs(settings, jobs, 1, log=lambda *a: None)
+    assert torch.get_num_threads() == threads and not workers._WORKER  # the in-process run leaves nothing behind
 
     def figures(runs):
         return {key: [{k: v for k, v in report.items() if "seconds" not in k} for report in reports]
@@ -38,7 +38,7 @@ def test_seed_ensemble_averages_the_probabilities(tiny_speeches):
     reports = [{"num_parameters": 7, "train_seconds": 1.0, "probabilities": probabilities,
                 "test_accuracy": 0.0, "test_accuracy_seen": 0.0, "test_accuracy_unseen": 0.0,
                 "test_accuracy_unseen_both": 0.0} for probabilities in (first, second)]
-    summary = experiments.summarise_improve(SimpleNamespace(data=tiny_speeches), "classifier", reports)
+    summary = improvement.summarise_improve(SimpleNamespace(data=tiny_speeches), "classifier", reports)
     # mean rows: (0.4, 0.5, 0.1) -> 1 (label 0, wrong), (0.1, 0.35, 0.55) -> 2 (right), (0.2, 0.7, 0.1) -> 1 (right),
     # (0.4, 0.25, 0.35) -> 0 (right), (0.65, 0.275, 0.075) -> 0 (right)
     assert summary["ensemble"] == pytest.approx({"test_accuracy": 80.0, "test_accuracy_seen": 100 * 2 / 3,

@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 
-import averaging
 import dataset
-import novel
 import training
 from dataset import NoisedBatches, WindowBatches, noised_batches
+from models import averaging
+from models import novel_words as novel
 from tokenizer import UNK_ID
 from transformer import EmbeddingDropout, KeepEmbeddings, TransformerConfig, TransformerLM
 

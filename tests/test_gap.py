@@ -8,11 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import baselines
-import gap
 import main
-import novel
-from baselines import KneserNeyTrigram, NovelMassKneserNey
+from models import novel_words as novel
+from studies import baselines, gap
+from studies.baselines import KneserNeyTrigram, NovelMassKneserNey
 from tokenizer import PAD_ID, UNK_ID, WordTokenizer
 from transformer import TransformerConfig
 
@@ -173,7 +172,7 @@ def test_pad_is_never_counted_as_never_seen():
 
 @pytest.mark.parametrize("kind", ["decoder", "classifier"])
 def test_weight_average_evaluates_the_moving_average_of_the_weights(kind):
-    import averaging
+    from models import averaging
     from transformer import TransformerClassifier, TransformerLM
 
     config = TransformerConfig(vocab_size=8, block_size=8, n_embd=8, n_head=2, n_layer=1, ff_hidden=8)

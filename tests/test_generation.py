@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from generation import ContextWindow, filter_logits, generate
+from models.generation import ContextWindow, filter_logits, generate
 from transformer import POSITIONS, Output, TransformerConfig, TransformerLM
 
 V = 30

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import heads
 import main
-import seq2seq
+from studies import heads
+from studies import span_corruption as seq2seq
 
 # one sequence of 3 tokens (the middle one punctuation), two heads:
 # head 1 looks at the previous token (the first token at itself), head 2 spreads evenly over the causal keys

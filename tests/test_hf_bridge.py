@@ -10,11 +10,11 @@ import re
 import pytest
 import torch
 
-import hf_bridge
 import main
 import utilities
-from generation import generate
+from models.generation import generate
 from tokenizer import ByteBPETokenizer, RenumberedBPETokenizer
+from tools import hf_bridge
 from transformer import TransformerConfig, TransformerLM
 
 transformers = pytest.importorskip("transformers")

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from data_parallel_worker import padded_batch, tiny_config
 
 import main
-from checkpointing import STATE_FILE
 from dataset import EpochBatches, WindowBatches
-from parallel import Parallel
+from runtime.parallel import Parallel
+from runtime.resume import STATE_FILE
 from training import Harness, TrainingConfig, fit, train_step
 from transformer import TransformerClassifier, TransformerLM
 

@@ -186,7 +186,7 @@ def test_bpe_language_model_reports_word_level_perplexity(small_data, tmp_path, 
     assert result["vocab_size"] == 400 and result["tokenizer"] == "bpe"
     final = result["final"]
     # one total NLL per file: exp(NLL / scored tokens) and exp(NLL / scored words), counted here with the same tokenizers
-    context = training.make_run(main.build_parser().parse_args([str(a) for a in argv]))
+    context = training.make_run(data_dir=small_data, tokenizer="bpe", bpe_vocab=400)
     for name, text in context.data.test_lm.items():
         tokens, words = len(context.tokenizer.encode(text)) - 1, len(context.words.split(text)) - 1
         assert tokens != words
@@ -194,8 +194,7 @@ def test_bpe_language_model_reports_word_level_perplexity(small_data, tmp_path, 
 
 
 def test_word_level_perplexity_equals_per_token_for_the_word_tokenizer(small_data):
-    args = main.build_parser().parse_args(["--part", "two", "--data-dir", str(small_data), "--device", "cpu"])
-    context = training.make_run(args)
+    context = training.make_run(data_dir=small_data, device="cpu")
     torch.manual_seed(0)
     model = TransformerLM(training.model_config(context, "lm", n_layer=1))
     text = context.data.test_lm["hbush"]
@@ -214,7 +213,8 @@ def saved_decoder(small_data, tmp_path_factory):
 def test_a_loaded_checkpoint_reproduces_the_saved_perplexity_exactly(saved_decoder, small_data):
     model, tokenizer_json, metrics = utilities.build_and_load(saved_decoder / "checkpoint")
     saved = json.loads((saved_decoder / "part_two.json").read_text())["final"]["perplexity"]
-    context = training.Run(None, None, tokenizer_from_json(tokenizer_json), model.lm_head.weight.device, None, None)
+    context = training.Run(training.RunSettings(), None, tokenizer_from_json(tokenizer_json), model.lm_head.weight.device,
+                           None)
     text = (small_data / "test_LM_wbush.txt").read_text(encoding="utf-8")
     again = training.perplexity(model, training.encode_stream(context, text), 32, context.device)
     assert again == saved["wbush"] == metrics["perplexity"]["wbush"]

@@ -8,11 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import main
-import pretraining
 import training
 from dataset import TokenDropout, drop_tokens
-from pretraining import IGNORE, MaskedLM, MaskingConfig, mask_tokens
+from studies import pretraining
+from studies.pretraining import IGNORE, MaskedLM, MaskingConfig, mask_tokens
 from tokenizer import PAD_ID, UNK_ID
 from transformer import TransformerClassifier, TransformerConfig
 
@@ -80,10 +79,9 @@ def test_token_dropout_replaces_the_requested_share_by_unk_and_never_padding():
 
 @pytest.fixture(scope="module")
 def tiny_run(small_data):
-    args = main.build_parser().parse_args(["--part", "one", "--data-dir", str(small_data), "--device", "cpu",
-                                           "--n-layer", "1", "--n-embd", "16", "--ff-hidden", "16",
-                                           "--block-size", "16", "--batch-size", "32", "--epochs", "2"])
-    return training.make_run(args)
+    return training.make_run(data_dir=small_data, device="cpu",
+                             model_flags={"n_layer": 1, "n_embd": 16, "ff_hidden": 16, "block_size": 16},
+                             training_flags={"batch_size": 32, "epochs": 2})
 
 
 def training_inputs(run, config, settings, build_model=None):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import main
-from generation import choose_token
+from models.generation import choose_token
 from training import TrainingConfig, fit, negative_log_likelihood
 from transformer import TransformerClassifier, TransformerConfig, TransformerLM
 
@@ -161,10 +161,10 @@ def test_the_evaluation_batch_size_does_not_change_the_summed_loss():
 
 FAULTS_OF_THIRTY_STEPS = """
 import ctypes, resource, sys, torch
-import training
+from runtime.memory import keep_freed_memory
 ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KiB pages, whatever the host's huge-page setting
 if sys.argv[1] == "keep":
-    training.keep_freed_memory()
+    keep_freed_memory()
 def step():  # three arrays the size of a course decoder's logits alive at once, then freed, as in a training step
     logits = torch.ones(512, 5635)
     probabilities = logits.softmax(-1)

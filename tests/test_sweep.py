@@ -8,13 +8,13 @@ from types import SimpleNamespace
 import pytest
 
 import main
-import sweep
 import training
+from studies import sweep
 
 
 @pytest.fixture
 def run():
-    return SimpleNamespace(args=main.build_parser().parse_args(["--part", "one"]), tokenizer=SimpleNamespace(vocab_size=100),
+    return SimpleNamespace(settings=training.RunSettings(), tokenizer=SimpleNamespace(vocab_size=100),
                            data=SimpleNamespace(class_names=("a", "b", "c")))
 
 
@@ -45,7 +45,7 @@ def test_sweep_reports_validation_only(small_data, capsys, monkeypatch):
     assert "test" not in out
 
 
-@pytest.mark.parametrize("argv", [["--candidates", "foo"], ["--seeds", "x"]])
+@pytest.mark.parametrize("argv", [["--candidates", "foo"], ["--seeds", "x"], ["--seeds", "0"]])
 def test_sweep_rejects_bad_options(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main.main(["sweep", "--task", "lm", *argv])

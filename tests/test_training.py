@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import main
 import training
 from dataset import load_speeches
 from training import (
@@ -109,8 +108,8 @@ def test_test_splits_follow_the_overlap_flags_and_give_hand_computed_accuracies(
                                     "test_accuracy_unseen_both": 0.0, "num_test_unseen_both": 1})
 
 
-def test_test_splits_on_the_course_data(data_dir):
-    speeches = load_speeches(data_dir)
+def test_test_splits_on_the_course_data(course_data):
+    speeches = load_speeches(course_data)
     train_texts = set(speeches.train_cls.texts)
     seen = [text in train_texts for text in speeches.test_cls.texts]
     neither = [text not in train_texts and text not in speeches.train_lm for text in speeches.test_cls.texts]
@@ -163,9 +162,7 @@ def test_perplexity_of_one_token_is_an_error_not_a_division_by_zero():
 
 
 def test_word_level_perplexity_spreads_the_token_nll_over_the_words(small_data):
-    args = main.build_parser().parse_args(["--part", "two", "--data-dir", str(small_data), "--device", "cpu",
-                                           "--tokenizer", "bpe", "--bpe-vocab", "300"])
-    run = make_run(args)
+    run = make_run(data_dir=small_data, device="cpu", tokenizer="bpe", bpe_vocab=300)
     torch.manual_seed(0)
     model = TransformerLM(model_config(run, "lm", n_layer=1, n_embd=16, n_head=2)).eval()
     text = "\n".join(run.data.test_lm["hbush"].splitlines()[:3])
@@ -181,10 +178,9 @@ def test_word_level_perplexity_spreads_the_token_nll_over_the_words(small_data):
 
 def test_best_preset_reports_the_figures_of_the_model_it_returns(small_data):
     """With validation and refit, every figure in "final" is the returned (refit) model's, evaluated here afresh."""
-    args = main.build_parser().parse_args(["--part", "two", "--data-dir", str(small_data), "--device", "cpu",
-                                           "--preset", "best", "--max-iters", "20", "--eval-interval", "10",
-                                           "--n-layer", "1", "--n-embd", "16", "--block-size", "16", "--batch-size", "8"])
-    run = make_run(args)
+    run = make_run(data_dir=small_data, device="cpu", preset="best",
+                   training_flags={"max_iters": 20, "eval_interval": 10, "batch_size": 8},
+                   model_flags={"n_layer": 1, "n_embd": 16, "block_size": 16})
     model, report = train_language_model(run, model_config(run, "lm"), training_config(run, "lm"), 1, log=lambda *a: None)
     chosen = min(report["selection_evals"], key=lambda row: row["validation_perplexity"])["iteration"]
     assert report["best_iteration"] == chosen and report["final"]["iteration"] == chosen
@@ -200,9 +196,8 @@ def test_best_preset_reports_the_figures_of_the_model_it_returns(small_data):
 def test_classifier_report_is_the_returned_models_evaluated_afresh(small_data, preset):
     """The report's test figures (reused from the last epoch's evaluation when nothing was restored) are those of
     the returned model, predicted here again; without validation they are also the table's last epoch."""
-    argv = ["--part", "one", "--data-dir", str(small_data), "--device", "cpu", "--epochs", "3", "--n-layer", "1",
-            "--n-embd", "16", "--ff-hidden", "16", "--block-size", "16", "--batch-size", "32"]
-    run = make_run(main.build_parser().parse_args(argv + (["--preset", preset] if preset else [])))
+    run = make_run(data_dir=small_data, device="cpu", preset=preset or "base", training_flags={"epochs": 3, "batch_size": 32},
+                   model_flags={"n_layer": 1, "n_embd": 16, "ff_hidden": 16, "block_size": 16})
     config = model_config(run, "classifier")
     model, report = training.train_classifier(run, config, training_config(run, "classifier"), 1, log=lambda *a: None)
     ids, _ = training.classifier_tensors(run, run.data.test_cls, config.block_size)

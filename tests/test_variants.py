@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from experiments import VARIANTS, mask_density
+from studies.exploration import VARIANTS, mask_density
 from transformer import (
     MLP,
     AlibiPositions,

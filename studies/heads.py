@@ -1,9 +1,9 @@
-"""Head analysis (seed 003): what each attention head of a trained encoder or decoder attends to, over the test set.
+"""Head analysis: what each attention head of a trained encoder or decoder attends to, over the test set.
 
 Per layer and head, averaged over every real (non-padding) query of the test data: the attention weight on the
 previous token, on the token itself, on the first token, on punctuation; the mean distance |i - j| weighted by
-attention; and the entropy of the attention row (nats; log(n) is uniform over n keys). A study beside
-experiments.py: it runs trained models read-only and reports through utilities.py.
+attention; and the entropy of the attention row (nats; log(n) is uniform over n keys). It reads the four
+models of part three's comparison (learned positions and ALiBi, decoder and encoder) and changes none of them.
 """
 
 import unicodedata
@@ -12,6 +12,7 @@ import torch
 
 import training
 import utilities
+from studies.study import Context, Study
 
 STATISTICS = ("previous", "same", "first", "punctuation", "distance", "entropy")
 
@@ -122,3 +123,22 @@ def plot_heads(models: dict[str, dict], path):
                 ax.set_xlabel("head")
     figure.tight_layout()
     return utilities.save_figure(figure, path)
+
+
+def measure(run: training.Run, context: Context) -> tuple[dict, list[str]]:
+    """The head statistics of each of the comparison's models (test set)."""
+    statistics = {}
+    for name, model in context.models.items():
+        statistics[name] = (decoder_heads if name.startswith("decoder") else encoder_heads)(run, model)
+    return statistics, []
+
+
+def tables(statistics: dict) -> dict[str, str]:
+    """One file (heads.md): the mean over heads of every model, then each model's layer-by-head table."""
+    sections = [f"## {name}\n\n{heads_table(values)}" for name, values in statistics.items()]
+    return {"heads": "\n\n".join([f"## mean over heads\n\n{summary_table(statistics)}", *sections])}
+
+
+STUDY = Study("heads", "heads", "heads (test set)",
+              "also measure what each head attends to, learned positions vs ALiBi (studies/heads.py)",
+              measure, tables, lambda statistics, out: plot_heads(statistics, out / "heads.png"))

@@ -1,6 +1,6 @@
 """Second-round validation sweep of the `best` preset: the exploration's winners on top of the first round.
 
-    python main.py sweep --task classifier|lm [--data-dir DIR] [--seeds 42,43,44] [--candidates a,b]
+    python main.py sweep --task classifier|lm [--data-dir DIR] [--seed 42 --seeds 3] [--candidates a,b]
 
 Every candidate is a selection run on the validation split (10% of train_CLS.tsv, stratified, or the last
 10% of train_LM.txt), without refit; it prints the best validation figure and its epoch or iteration, never

@@ -12,16 +12,16 @@ test_CLS.tsv. The vocabulary (sotu-all's 10,000 most frequent words) is the same
 import math
 import random
 import time
-from argparse import Namespace
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import baselines
-import corpus
-import experiments
 import training
 import utilities
 from dataset import LabelledSegments, split_lines, stratified_split
+from runtime import corpus
+from studies import baselines
+from studies.study import Context, Option, Study
+from studies.workers import map_jobs, worker_run
 
 LM_TOKENS = (32_000, 64_000, 128_000, 256_000)  # the default run (15 minutes here); --scaling-full adds 512k, 1M, all
 LM_TOKENS_FULL = (*LM_TOKENS, 512_000, 1_000_000, None)  # None: the whole training text
@@ -82,7 +82,7 @@ def pooled_perplexity(perplexities: dict[str, float], targets: dict[str, int]) -
 
 def _train_slice(job: SliceJob) -> tuple[SliceJob, dict]:
     """Train (or count) one model on one slice in a worker; return its test figures."""
-    run = experiments.worker_run()
+    run = worker_run()
     quiet = lambda *a, **k: None  # noqa: E731
     started = time.perf_counter()
     if job.task == "lm":
@@ -124,29 +124,31 @@ def _train_slice(job: SliceJob) -> tuple[SliceJob, dict]:
     return job, report
 
 
-def scaling_args(args):
-    """The command's options, with the data switched to sotu-all (whatever data the rest of the command reads)."""
-    return Namespace(**{**vars(args), "data_dir": None, "corpus": "sotu-all", "tokenizer": "word"})
+def scaling_settings(settings: training.RunSettings) -> training.RunSettings:
+    """The command's settings, with the data switched to sotu-all (whatever data the rest of the command reads)."""
+    return replace(settings, data_dir=None, corpus="sotu-all", tokenizer="word")
 
 
-def jobs_for(args) -> list[SliceJob]:
+def jobs_for(seed: int, full: bool, lm_steps: int, cls_steps: int) -> list[SliceJob]:
     """Every (task, model, size) of the study; the biggest first, so that two workers finish together."""
-    lm_sizes, cls_sizes = (LM_TOKENS_FULL, CLS_SEGMENTS_FULL) if args.scaling_full else (LM_TOKENS, CLS_SEGMENTS)
-    jobs = [SliceJob("lm", model, size, args.seed, args.scaling_lm_steps) for size in lm_sizes
-            for model in (*TRANSFORMERS, "kneser_ney")]
-    jobs += [SliceJob("classifier", model, size, args.seed, args.scaling_cls_steps) for size in cls_sizes
+    lm_sizes, cls_sizes = (LM_TOKENS_FULL, CLS_SEGMENTS_FULL) if full else (LM_TOKENS, CLS_SEGMENTS)
+    jobs = [SliceJob("lm", model, size, seed, lm_steps) for size in lm_sizes for model in (*TRANSFORMERS, "kneser_ney")]
+    jobs += [SliceJob("classifier", model, size, seed, cls_steps) for size in cls_sizes
              for model in (*TRANSFORMERS, "count_classifiers")]
     return sorted(jobs, key=lambda job: (job.model in ("kneser_ney", "count_classifiers"), -(job.size or 10**9)))
 
 
-def study(args, workers: int, log=print) -> dict:
-    """Run every job on `workers` processes; return the curves, the crossovers and the timing."""
+def study(run: training.Run, context: Context, log=print) -> tuple[dict, list[str]]:
+    """Run every job on the context's workers; return the curves, the crossovers and the timing (no attention checks)."""
     started = time.perf_counter()
-    jobs = jobs_for(args)
-    log(f"scaling: {len(jobs)} runs on sotu-all slices on {workers} workers")
-    args = scaling_args(args)
-    corpus.locate(args.data_dir, args.corpus, args.cache_dir, log)  # built here once, not by each worker at the same time
-    done = experiments.map_jobs(args, jobs, workers, _train_slice)
+    options = context.options
+    lm_steps, cls_steps = options["scaling_lm_steps"], options["scaling_cls_steps"]
+    jobs = jobs_for(context.seed, options["scaling_full"], lm_steps, cls_steps)
+    log(f"scaling: {len(jobs)} runs on sotu-all slices on {context.workers} workers")
+    settings = scaling_settings(run.settings)
+    # built here once, not by each worker at the same time
+    corpus.locate(settings.data_dir, settings.corpus, settings.cache_dir, log)
+    done = map_jobs(settings, jobs, context.workers, _train_slice)
     lm, classifier = {}, {}
     for job, report in done:
         table = lm if job.task == "lm" else classifier
@@ -160,10 +162,10 @@ def study(args, workers: int, log=print) -> dict:
                       for model, rows in lm.items()},
                "classifier": {model: [row for _, row in sorted(rows.items(), key=lambda kv: kv[0] or 10**12)]
                               for model, rows in classifier.items()},
-               "lm_steps": args.scaling_lm_steps, "classifier_steps": args.scaling_cls_steps, "seed": args.seed}
+               "lm_steps": lm_steps, "classifier_steps": cls_steps, "seed": context.seed}
     results["crossover"] = crossovers(results)
     results["seconds"] = time.perf_counter() - started
-    return results
+    return results, []
 
 
 def describe(job: SliceJob, report: dict) -> str:
@@ -216,3 +218,14 @@ def plot(results: dict, out: Path):
               for model, points in results["classifier"].items()}
     utilities.plot_curves(series, "labelled training segments", "test accuracy (%, 17 presidents)",
                           "Data scaling: classifiers", out / "scaling_classifier.png", log_x=True)
+
+
+STUDY = Study("scaling", "scaling", "data scaling (sotu-all)",
+              "also train the transformers and count models on growing slices of sotu-all (studies/scaling.py)",
+              study, lambda results: {f"scaling_{name}": table for name, table in tables(results).items()}, plot,
+              options=(Option("scaling_full", bool, False,
+                              "with --scaling: add the 512k, 1M and whole-corpus slices (and 8k, 16k, all segments)"),
+                       Option("scaling_lm_steps", int, 1500, "with --scaling: decoder iterations per slice", minimum=1),
+                       Option("scaling_cls_steps", int, 1500,
+                              "with --scaling: encoder steps per slice (at least 2 epochs, at most the preset's)",
+                              minimum=1)))

@@ -1,6 +1,7 @@
 """Checkpoints that resume a training exactly, and a clean stop on Ctrl-C or SIGTERM.
 
-Kept out of training.py, which holds what is learned; this module holds how a run survives being stopped.
+Kept out of training.py, which holds what is learned; this module holds how a run survives being stopped
+(utilities.save_checkpoint, by contrast, saves a trained model to be used, not a training to be continued).
 A checkpoint is one file, DIR/state.pt, written by torch.save under a temporary name and renamed into place,
 so a crash mid-write leaves the previous checkpoint whole. torch.save rather than safetensors: the optimiser's
 and the schedule's states are nested dictionaries of tensors, counters and floats, which safetensors (flat
@@ -18,12 +19,13 @@ from pathlib import Path
 
 import torch
 
-from parallel import SINGLE, Parallel, gather
+from runtime.parallel import SINGLE, Parallel, gather
 from utilities import atomic_write
 
 STATE_FILE = "state.pt"
 # the modules whose code decides the numbers a run produces: a checkpoint written by other code does not resume
-CODE_FILES = ("transformer.py", "tokenizer.py", "dataset.py", "training.py", "checkpointing.py", "parallel.py")
+# (paths from the repository's root)
+CODE_FILES = ("transformer.py", "tokenizer.py", "dataset.py", "training.py", "runtime/resume.py", "runtime/parallel.py")
 
 
 class ResumeError(ValueError):
@@ -45,8 +47,8 @@ class TrainingInterrupted(Exception):
 
 def code_version() -> dict[str, str]:
     """A short hash of each module in CODE_FILES."""
-    here = Path(__file__).resolve().parent
-    return {name: hashlib.sha256((here / name).read_bytes()).hexdigest()[:16] for name in CODE_FILES}
+    root = Path(__file__).resolve().parent.parent
+    return {name: hashlib.sha256((root / name).read_bytes()).hexdigest()[:16] for name in CODE_FILES}
 
 
 def identity(**parts) -> dict:

@@ -1,4 +1,4 @@
-"""Where the decoder loses to the Kneser–Ney trigram (issue 13): the per-token NLL gap by how often the target word
+"""Where the decoder loses to the Kneser–Ney trigram: the per-token NLL gap by how often the target word
 occurs in train_LM.txt, and the rows that close part of it (novel-word mass, a learned novel-word class).
 
 Both models score exactly the same targets: every token of a test file after the first (training.perplexity's
@@ -19,13 +19,14 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-import averaging
-import baselines
-import novel
 import training
 import utilities
-from baselines import KneserNeyTrigram
 from dataset import consecutive_windows, split_lines
+from models import averaging
+from models import novel_words as novel
+from studies import baselines
+from studies.baselines import KneserNeyTrigram
+from studies.study import Context, Study
 from tokenizer import UNK_ID
 
 BUCKETS = ("<unk>", "never in train_LM.txt", "1-2", "3-9", "10+")
@@ -310,15 +311,27 @@ def models_table(models: dict) -> str:
     return utilities.markdown_table(["model", "novel weight", "validation ppl", *TESTS, "seconds"], rows)
 
 
-def report(result: dict, out, plots: bool, log=print):
-    """Print and write the tables (gap_models.md, gap_<comparison>.md) and the plot (gap.png)."""
-    table = models_table(result["models"])
-    log(f"\n{table}")
-    utilities.write_text(out / "gap_models.md", table + "\n")
+def tables(result: dict) -> dict[str, str]:
+    """The models table (gap_models) and one table per comparison (gap_DECODER_vs_COUNT), per test file."""
+    found = {"gap_models": models_table(result["models"])}
     for comparison, per_test in result["gaps"].items():
         decoder, count = comparison.split(" vs ")
-        text = "\n\n".join(f"{test}\n\n{gap_table(rows, decoder, count)}" for test, rows in per_test.items())
-        log(f"\n{comparison}\n\n{text}")
-        utilities.write_text(out / f"gap_{decoder}_vs_{count}.md", text + "\n")
-    if plots and result["gaps"]:
+        found[f"gap_{decoder}_vs_{count}"] = "\n\n".join(f"{test}\n\n{gap_table(rows, decoder, count)}"
+                                                         for test, rows in per_test.items())
+    return found
+
+
+def plot(result: dict, out):
+    """The bucket contributions of every comparison (gap.png)."""
+    if result["gaps"]:
         plot_gap(result["gaps"], out / "gap.png")
+
+
+def run_study(run: training.Run, context: Context, log=print) -> tuple[dict, list[str]]:
+    """The headline rows of the study at the command's seed (no attention checks)."""
+    return study(run, context.seed, log=log), []
+
+
+STUDY = Study("gap", "gap", "gap by word frequency (docs/gap.md)",
+              "also the gap to Kneser-Ney by word frequency, with the headline decoder rows (docs/gap.md)",
+              run_study, tables, plot)

@@ -217,7 +217,7 @@ def built_now(name: str, cache_dir: Path) -> tuple[Path, str]:
 
 
 COURSE_DIR = Path("speechesdataset")  # where the course's six files go when a user has them
-DEFAULT_CACHE = Path(__file__).resolve().parent / "corpora"
+DEFAULT_CACHE = Path(__file__).resolve().parent.parent / "corpora"  # in the repository's root, git-ignored
 
 
 def locate(data_dir: Path | None, name: str = "auto", cache_dir: Path = DEFAULT_CACHE, log=print) -> Path:

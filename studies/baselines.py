@@ -1,7 +1,5 @@
-"""Non-neural baselines for the course data: naive Bayes, TF-IDF logistic regression, a Kneser–Ney trigram LM,
-and an audit of exact-text overlaps between the splits.
-
-    python baselines.py --data-dir DIR [--out results/baselines.json] [--extra-test TEXT_FILE ...]
+"""Non-neural baselines for the course data: naive Bayes, TF-IDF logistic regression, a Kneser–Ney trigram LM.
+`--part three --improve` runs them beside the transformers (studies/improvement.py).
 
 Everything uses the course vocabulary (`WordTokenizer.from_texts(speeches.vocabulary_texts())`) with `<unk>` for
 words outside it, so the numbers sit beside the transformer's.
@@ -11,11 +9,11 @@ context is cut at the file start only, so token 1 is scored given token 0 alone 
 transformer also restarts its context at each window, which a two-word history barely feels. `<unk>` is an
 ordinary target for both; it never occurs in train_LM.txt (all of it is in the vocabulary), so the trigram model
 reaches it through the uniform floor only. Scoring just the targets with a full two-word context (from the third
-token) gives 243.9 / 380.6 / 267.0, which round to the issue author's 244 / 381 / 267; ours are 244.1 / 380.3 / 267.0.
+token) gives 243.9 / 380.6 / 267.0, which round to the course handout's 244 / 381 / 267; ours are 244.1 / 380.3 / 267.0.
 
 A second row, Kneser–Ney with novel-word mass (`NovelMassKneserNey`), moves a fraction λ of every distribution
 evenly onto the vocabulary words never seen in train_LM.txt, λ tuned on the decoder's validation split: the same
-move the decoder gets (novel.py), so the comparison stays like with like.
+move the decoder gets (models/novel_words.py), so the comparison stays like with like.
 
 Why our own implementations rather than NLTK's (both were tried on this data):
 - `nltk.NaiveBayesClassifier` is fast (about 1 s) and scores 91.2%, but it is a different model: each feature is
@@ -27,10 +25,7 @@ Why our own implementations rather than NLTK's (both were tried on this data):
   vocabulary word never seen in train_LM.txt get probability 0: 2 of the first 40 Obama targets, infinite perplexity.
 """
 
-import argparse
-import json
 import math
-import sys
 import time
 import warnings
 from collections import Counter, defaultdict
@@ -38,12 +33,11 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import pairwise
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from dataset import DataError, Speeches, load_speeches, overlap_flags, read_text, split_lines, stratified_split
+from dataset import Speeches, overlap_flags, split_lines, stratified_split
 from tokenizer import PAD_ID, UNK_ID, WordTokenizer
 
 VALIDATION_FRACTION = 0.1  # the decoder's held-out tail (training.PRESETS["best"]), so both tune on the same text
@@ -361,7 +355,7 @@ def lm_baseline(speeches: Speeches, tokenizer: WordTokenizer, extra: dict[str, s
     streams = {name: tokenizer.encode(text) for name, text in texts.items()}
     return {"kneser_ney": {"discount": model.discount, "train_tokens": len(train),
                            "perplexity": {name: model.perplexity(ids) for name, ids in streams.items()},
-                           # targets with a full two-word context only: this rounds to the issue author's figures
+                           # targets with a full two-word context only: this rounds to the course handout's figures
                            "perplexity_from_third_token": {name: model.perplexity(ids, 2) for name, ids in streams.items()},
                            "num_targets": {name: len(ids) - 1 for name, ids in streams.items()},
                            "num_unk_targets": {name: ids[1:].count(UNK_ID) for name, ids in streams.items()},
@@ -377,77 +371,3 @@ def novel_mass_row(speeches: Speeches, tokenizer: WordTokenizer, streams: dict[s
                                           tokenizer.encode(speeches.train_lm), tokenizer.vocab_size)
     return {**tuning, "perplexity": {name: model.perplexity(ids) for name, ids in streams.items()},
             "seconds": time.perf_counter() - started}
-
-
-# ---------------------------------------------------------------- overlap audit
-
-
-def lines_of(text: str) -> list[str]:
-    """Non-blank lines, stripped."""
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def audit(speeches: Speeches) -> dict:
-    """Counts of exact-text overlaps between every pair of splits (segments, lines, substrings of train_LM.txt)."""
-    train_cls, train_lm = set(speeches.train_cls.texts), speeches.train_lm
-    train_lm_lines = set(lines_of(train_lm))
-    labelled = set(zip(speeches.train_cls.texts, speeches.train_cls.labels))
-    test = speeches.test_cls
-    test_cls = {"segments": len(test.texts), **{k: sum(v) for k, v in overlap_flags(speeches).items()},
-                "in_train_lm_as_line": sum(text in train_lm_lines for text in test.texts),
-                "in_train_cls_same_label": sum(pair in labelled for pair in zip(test.texts, test.labels))}
-    test_lm = {name: {"lines": len(lines), "in_train_cls": sum(line in train_cls for line in lines),
-                      "in_train_lm": sum(line in train_lm for line in lines)}
-               for name, lines in ((name, lines_of(text)) for name, text in speeches.test_lm.items())}
-    train = {"train_cls_segments": len(speeches.train_cls.texts), "train_cls_in_train_lm": sum(t in train_lm for t in train_cls),
-             "train_cls_distinct": len(train_cls), "train_lm_lines": len(train_lm_lines),
-             "train_lm_lines_in_train_cls": len(train_lm_lines & train_cls)}
-    return {"test_cls": test_cls, "test_lm": test_lm, "train": train}
-
-
-def format_audit(report: dict) -> str:
-    """The audit as a few readable lines."""
-    cls, train = report["test_cls"], report["train"]
-    lines = [f"test_CLS: {cls['segments']} segments; {cls['in_train_cls']} in train_CLS.tsv "
-             f"({cls['in_train_cls_same_label']} with the same label), {cls['in_train_lm']} in train_LM.txt "
-             f"({cls['in_train_lm_as_line']} as a whole line), {cls['in_neither']} in neither"]
-    lines += [f"test_LM_{name}: {c['lines']} lines; {c['in_train_cls']} are train_CLS segments "
-              f"({100 * c['in_train_cls'] / c['lines']:.0f}%), {c['in_train_lm']} in train_LM.txt"
-              for name, c in report["test_lm"].items()]
-    lines.append(f"train_CLS vs train_LM: {train['train_cls_in_train_lm']} of {train['train_cls_distinct']} distinct "
-                 f"segments occur in train_LM.txt; {train['train_lm_lines_in_train_cls']} of {train['train_lm_lines']} "
-                 "distinct train_LM lines are train_CLS segments")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- command line
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="baselines.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", type=Path, default=Path("speechesdataset"))
-    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the validation split")
-    parser.add_argument("--extra-test", action="append", default=[], metavar="PATH", help="a text file to score with the LM")
-    args = parser.parse_args(argv)
-    try:
-        speeches = load_speeches(args.data_dir)
-        extra = {Path(path).name: read_text(path) for path in args.extra_test}
-    except DataError as error:
-        print(f"baselines.py: error: {error}", file=sys.stderr)
-        return 2
-    tokenizer = WordTokenizer.from_texts(speeches.vocabulary_texts())
-    report = audit(speeches)
-    print(format_audit(report))
-    result = {"audit": report, "classifiers": classifier_baselines(speeches, tokenizer, args.seed),
-              "language_model": lm_baseline(speeches, tokenizer, extra)}
-    print(json.dumps({key: result[key] for key in ("classifiers", "language_model")}, indent=2))
-    if args.out:
-        import utilities  # only here: it loads matplotlib
-
-        utilities.write_json(args.out, result)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

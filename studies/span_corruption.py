@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import training
-from encoder_decoder import EncoderDecoder
-from generation import generate
+from models.encoder_decoder import EncoderDecoder
+from models.generation import generate
+from studies.study import Context, Study
 from transformer import TransformerConfig, count_parameters
 
 NOISE_DENSITY, MEAN_SPAN_LENGTH = 0.15, 3.0  # T5's: 15% of the tokens, in spans of 3 on average
@@ -155,3 +156,18 @@ def train_span_corruption(run, seed: int, sentinels: int = 8, decode_windows: in
                                     for strategy in ("greedy", "beam")},
               "noise": {"density": NOISE_DENSITY, "mean_span": MEAN_SPAN_LENGTH, "spans": span_counts(length)[1]}}
     return model, report
+
+
+def run_study(run: training.Run, context: Context, log=print) -> tuple[dict, list[str]]:
+    """Train at the command's seed and print the headline figures (no attention checks: the model has its own masks)."""
+    _, report = train_span_corruption(run, context.seed, log=log)
+    log(f"parameters: {report['num_parameters']:,}   target perplexity: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in report["target_perplexity"].items())
+        + "   decoding accuracy (obama, first 100 windows): "
+        + ", ".join(f"{k} {v:.1f}%" for k, v in report["decoding_accuracy"].items()))
+    return report, []
+
+
+STUDY = Study("t5", "t5", "T5-style encoder-decoder, span corruption of train_LM.txt",
+              "also train a T5-style encoder-decoder on span corruption (models/encoder_decoder.py, "
+              "studies/span_corruption.py)", run_study)

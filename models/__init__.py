@@ -1,0 +1,2 @@
+"""Models beyond the course's two: the T5-style encoder-decoder, KV-cache generation, the novel-word decoder,
+weight averaging."""

@@ -1,0 +1,1 @@
+"""How a run runs: resumable checkpoints, data parallel processes, progress and logs, the corpus builder, the malloc setting."""
