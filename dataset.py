@@ -229,6 +229,16 @@ def drop_tokens(ids: torch.Tensor, rate: float, generator: torch.Generator, repl
     return ids.masked_fill(dropped, replacement)
 
 
+TOKEN_DROPOUT_SEED = 7919  # the dropout draws' generator: seed + this, a stream apart from the shuffle's
+
+
+def token_dropout(rate: float):
+    """A wrap_batches hook for training.train_classifier: TokenDropout at `rate` (the classifier-gap study's)."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"token dropout must be in [0, 1), got {rate}")
+    return lambda batches, seed: TokenDropout(batches, rate, torch.Generator().manual_seed(seed + TOKEN_DROPOUT_SEED))
+
+
 class TokenDropout:
     """The (ids, labels) batches of another batch iterator, with token dropout (drop_tokens) on the ids.
 
@@ -340,6 +350,13 @@ def noised_batches(batches, kind: str, gamma: float, stream: torch.Tensor, vocab
         return batches
     gamma_per_id, proposal = INPUT_NOISES[kind](torch.as_tensor(stream), vocab_size, gamma)
     return NoisedBatches(batches, gamma_per_id, proposal, torch.Generator().manual_seed(seed + NOISE_SEED_OFFSET))
+
+
+def input_noise(kind: str, gamma: float):
+    """A wrap_batches hook for training.train_language_model: its inputs noised by INPUT_NOISES[kind] at gamma."""
+    if kind not in INPUT_NOISES or not 0.0 <= gamma < 1.0:
+        raise ValueError(f"input noise must be one of {', '.join(INPUT_NOISES)} at a rate in [0, 1), got {kind!r} at {gamma}")
+    return lambda batches, stream, config, seed: noised_batches(batches, kind, gamma, stream, config.vocab_size, seed)
 
 
 def consecutive_windows(data: torch.Tensor, block_size: int):

@@ -94,58 +94,64 @@ def harness(run: Run, args, part: str) -> training.Harness:
 def part_one(run: Run, args) -> tuple[dict, list[str]]:
     """Encoder + classifier: per-epoch table, final, seen and unseen test accuracy."""
     course = training_config(run, "classifier")
-    model, report = train_classifier(run, model_config(run, "classifier"), course, args.seed,
-                                     harness=harness(run, args, "one"))
+    trained = train_classifier(run, model_config(run, "classifier"), course, args.seed, harness=harness(run, args, "one"))
+    model, final = trained.model, trained.final
     failures = check_attention(run, model, False, "part1_encoder")
-    result = {"vocab_size": run.tokenizer.vocab_size, "tokenizer": run.settings.tokenizer, **report,
+    result = {"vocab_size": run.tokenizer.vocab_size, "tokenizer": run.settings.tokenizer, **trained.report(),
               "extra": extra_accuracy(run, model)}
-    print(f"parameters: {report['num_parameters']:,}   vocabulary: {run.tokenizer.vocab_size:,}")
-    print(f"test accuracy: {report['test_accuracy']:.2f}%   on segments seen in train_CLS.tsv "
-          f"({report['num_test_seen']}): {report['test_accuracy_seen']:.2f}%   unseen ({report['num_test_unseen']}): "
-          f"{report['test_accuracy_unseen']:.2f}%   in neither training file ({report['num_test_unseen_both']}): "
-          f"{report['test_accuracy_unseen_both']:.2f}%")
+    print(f"parameters: {trained.num_parameters:,}   vocabulary: {run.tokenizer.vocab_size:,}")
+    # a split with no segments (the stand-in's test addresses share none with training) is left out of the line
+    splits = [f"{what} ({final[f'num_test_{split}']}): {final[f'test_accuracy_{split}']:.2f}%"
+              for split, what in TEST_SPLITS if final[f"num_test_{split}"]]
+    print(f"test accuracy: {final['test_accuracy']:.2f}%   " + "   ".join(splits))
     for name, value in result["extra"].items():
         print(f"accuracy on {name}: {value:.2f}%")
     if run.settings.plots:
-        epochs = [row["epoch"] for row in report["epochs"]]
-        utilities.plot_curves({name: (epochs, [row[key] for row in report["epochs"]])
+        epochs = [row["epoch"] for row in trained.history]
+        utilities.plot_curves({name: (epochs, [row[key] for row in trained.history])
                                for name, key in (("train", "train_accuracy"), ("test", "test_accuracy"))},
                               "epoch", "accuracy (%)", "Part one: classifier accuracy", run.out / "part_one_accuracy.png")
-    save_model(run, args, model, "classifier", {key: value for key, value in report.items() if key.startswith("test_accuracy")})
+    save_model(run, args, model, "classifier", {key: value for key, value in final.items() if key.startswith("test_accuracy")})
     return result, failures
+
+
+# the test segments' splits part one reports (training.test_splits), as its line names them
+TEST_SPLITS = (("seen", "on segments seen in train_CLS.tsv"), ("unseen", "unseen"),
+               ("unseen_both", "in neither training file"))
 
 
 def plot_perplexities(run: Run, reports: dict, path: Path, title: str):
     """Test perplexity against iteration, one line per model and test file."""
     series = {}
     for model_name, report in reports.items():
-        iterations = [row["iteration"] for row in report["evals"]]
-        series[f"{model_name} train"] = (iterations, [row["train_perplexity"] for row in report["evals"]])
-        for test in report["evals"][0]["perplexity"]:
-            series[f"{model_name} {test}"] = (iterations, [row["perplexity"][test] for row in report["evals"]])
+        iterations = [row["iteration"] for row in report["history"]]
+        series[f"{model_name} train"] = (iterations, [row["train_perplexity"] for row in report["history"]])
+        for test in report["history"][0]["perplexity"]:
+            series[f"{model_name} {test}"] = (iterations, [row["perplexity"][test] for row in report["history"]])
     utilities.plot_curves(series, "iteration", "perplexity", title, path, log_y=True)
 
 
 def part_two(run: Run, args) -> tuple[dict, list[str]]:
     """Decoder language model: perplexity every eval_interval iterations."""
     course = training_config(run, "lm")
-    model, report = train_language_model(run, model_config(run, "lm"), course, args.seed, harness=harness(run, args, "two"))
+    trained = train_language_model(run, model_config(run, "lm"), course, args.seed, harness=harness(run, args, "two"))
+    model, final = trained.model, trained.final
     failures = check_attention(run, model, True, "part2_decoder")
-    result = {"vocab_size": run.tokenizer.vocab_size, "tokenizer": run.settings.tokenizer, **report,
+    result = {"vocab_size": run.tokenizer.vocab_size, "tokenizer": run.settings.tokenizer, **trained.report(),
               "extra": extra_perplexity(run, model)}
-    print(f"parameters: {report['num_parameters']:,}   vocabulary: {run.tokenizer.vocab_size:,} ({run.settings.tokenizer})")
-    if "best_iteration" in report:
-        how = "retrained on all of train_LM.txt up to it" if report.get("refit") else "restored that model"
-        print(f"validation chose iteration {report['best_iteration']}, {how}: test perplexity "
-              + ", ".join(f"{k} {v:.2f}" for k, v in report["final"]["perplexity"].items()))
-    if "word_perplexity" in report["final"]:
-        print("word-level perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in report["final"]["word_perplexity"].items()))
-    print(f"final figures are those of {report['final']['model']}")
+    print(f"parameters: {trained.num_parameters:,}   vocabulary: {run.tokenizer.vocab_size:,} ({run.settings.tokenizer})")
+    if trained.chosen is not None:
+        how = "retrained on all of train_LM.txt up to it" if trained.selection is not None else "restored that model"
+        print(f"validation chose iteration {trained.chosen}, {how}: test perplexity "
+              + ", ".join(f"{k} {v:.2f}" for k, v in final["perplexity"].items()))
+    if "word_perplexity" in final:
+        print("word-level perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in final["word_perplexity"].items()))
+    print(f"final figures are those of {final['model']}")
     for name, value in result["extra"].items():
         print(f"perplexity on {name}: {value:.2f}")
     if run.settings.plots:
-        plot_perplexities(run, {"decoder": report}, run.out / "part_two_perplexity.png", "Part two: decoder perplexity")
-    save_model(run, args, model, "lm", {"perplexity": report["final"]["perplexity"]})
+        plot_perplexities(run, {"decoder": result}, run.out / "part_two_perplexity.png", "Part two: decoder perplexity")
+    save_model(run, args, model, "lm", {"perplexity": final["perplexity"]})
     return result, failures
 
 
@@ -156,17 +162,19 @@ def part_three(run: Run, args) -> tuple[dict, list[str]]:
     result, failures, models = {"lm": {}, "classifier": {}}, [], {}
     for name, position in (("absolute", "learned"), ("alibi", "alibi")):
         print(f"\n== decoder, {name} positions")
-        model, report = train_language_model(run, model_config(run, "lm", position=position), training_config(run, "lm"), seed)
+        trained = train_language_model(run, model_config(run, "lm", position=position), training_config(run, "lm"), seed)
+        model = trained.model
         failures += check_attention(run, model, True, f"part3_decoder_{name}")
-        result["lm"][name] = {"vocab_size": run.tokenizer.vocab_size, **report, "extra": extra_perplexity(run, model)}
+        result["lm"][name] = {"vocab_size": run.tokenizer.vocab_size, **trained.report(), "extra": extra_perplexity(run, model)}
         models[f"decoder {name}"] = model
     for name, position in (("absolute", "learned"), ("alibi", "alibi")):
         print(f"\n== classifier, {name} positions")
         config = model_config(run, "classifier", position=position)
-        model, report = train_classifier(run, config, training_config(run, "classifier"), seed)
+        trained = train_classifier(run, config, training_config(run, "classifier"), seed)
+        model = trained.model
         failures += check_attention(run, model, False, f"part3_encoder_{name}")
-        result["classifier"][name] = {key: report[key] for key in
-                                      ("num_parameters", "test_accuracy", "test_accuracy_seen", "test_accuracy_unseen")}
+        result["classifier"][name] = {"num_parameters": trained.num_parameters, **{
+            key: trained.final[key] for key in ("test_accuracy", "test_accuracy_seen", "test_accuracy_unseen")}}
         result["classifier"][name]["extra"] = extra_accuracy(run, model)
         models[f"encoder {name}"] = model
     print_part_three_table(result)

@@ -17,19 +17,17 @@ import torch
 import torch.nn.functional as F
 
 from dataset import (
-    INPUT_NOISES,
     TEST_LM,
+    TRAIN_CLS,
     TRAIN_LM,
     DataError,
     EpochBatches,
     LabelledSegments,
     Speeches,
-    TokenDropout,
     WindowBatches,
     consecutive_windows,
     encode_segments,
     load_speeches,
-    noised_batches,
     overlap_flags,
     split_lines,
     stratified_split,
@@ -66,21 +64,11 @@ class TrainingConfig:
     # `epochs` / `max_iters`; None: run it all. The refit uses it, so that its learning rate at each step is the
     # one of the selection run (a schedule squeezed into fewer steps decays sooner and undertrains)
     stop_after: int | None = None
-    # the language model's train perplexity over the first this-many tokens of the training stream (None: all of
-    # it, as the course does); the scaling study's 1.6M-token slices would otherwise spend most of their time there
-    train_eval_tokens: int | None = None
     # split each batch into this many micro-batches, one forward and backward each, then one optimiser step:
     # the same gradient (within float rounding) in less memory; batch_size stays the batch of each step
     grad_accum: int = 1
     precision: str = "fp32"  # fp32 | bf16 | fp16: the dtype autocast gives the training forward pass
     compile: bool = False  # torch.compile the training steps (pays for long runs only: docs/training.md)
-    # language model: noise the training inputs (never the targets) at rate noise_gamma (Xie et al., 2017):
-    # none | unigram | blank | kneser_ney (dataset.INPUT_NOISES)
-    input_noise: str = "none"
-    noise_gamma: float = 0.0
-    # classifier only: replace each real input token of a training batch by <unk> with this probability
-    # (word dropout; docs/classifier_gap.md); 0 leaves the batches untouched
-    token_dropout: float = 0.0
 
     def validate(self) -> "TrainingConfig":
         for name in ("batch_size", "epochs", "max_iters", "eval_interval", "stop_after", "grad_accum"):
@@ -88,13 +76,8 @@ class TrainingConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning rate must be positive, got {self.learning_rate}")
-        if not 0.0 <= self.token_dropout < 1.0:
-            raise ValueError(f"token dropout must be in [0, 1), got {self.token_dropout}")
         if not 0.0 <= self.validation_fraction < 0.5:
             raise ValueError(f"validation fraction must be in [0, 0.5), got {self.validation_fraction}")
-        if self.input_noise not in ("none", *INPUT_NOISES) or not 0.0 <= self.noise_gamma < 1.0:
-            raise ValueError(f"input noise must be none or one of {', '.join(INPUT_NOISES)} at a rate in [0, 1), "
-                             f"got {self.input_noise!r} at {self.noise_gamma}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         return self
@@ -425,6 +408,41 @@ def best_evaluation(history: list[dict]) -> dict:
     return min(history, key=lambda row: row["validation_score"])
 
 
+@dataclass
+class TrainResult:
+    """What either trainer returns: the model, its evaluation rows, and the figures of that model."""
+
+    model: torch.nn.Module
+    num_parameters: int
+    unit: str  # what a row counts: "epoch" (classifier) or "iteration" (language model)
+    history: list[dict]  # one row per evaluation
+    final: dict  # the returned model's figures, and "model": which model that is
+    train_seconds: float
+    chosen: int | None = None  # the epoch or iteration validation chose (None: no validation split)
+    selection: list[dict] | None = None  # a refit's selection run: its rows, with validation
+
+    def report(self) -> dict:
+        """Everything but the model, for the JSON."""
+        report = {"num_parameters": self.num_parameters, "history": self.history, "final": self.final,
+                  "train_seconds": self.train_seconds}
+        if self.chosen is not None:
+            report["chosen"] = self.chosen
+        if self.selection is not None:
+            report["selection"] = self.selection
+        return report
+
+
+def refit_after(selection: TrainResult, training: "TrainingConfig", retrain, data_name: str, log=print) -> TrainResult:
+    """Select-then-refit: retrain(refit settings) from scratch on the whole training file, under the same schedule,
+    for the epochs or iterations that the selection run's validation chose."""
+    chosen = best_evaluation(selection.history)[selection.unit]
+    log(f"validation chose {chosen} {selection.unit}s: retraining on all of {data_name}")
+    final = retrain(replace(training, stop_after=chosen, validation_fraction=0.0, refit=False))
+    final.final["model"] = f"retrained on all of {data_name} for the {chosen} {selection.unit}s validation chose"
+    return replace(final, chosen=chosen, selection=selection.history,
+                   train_seconds=selection.train_seconds + final.train_seconds)
+
+
 # ---------------------------------------------------------------- classifier
 
 
@@ -435,11 +453,12 @@ def predict(model, ids: torch.Tensor, device, batch_size: int = 256) -> torch.Te
     return torch.cat([model(chunk.to(device)).logits.softmax(-1).cpu() for chunk in ids.split(batch_size)])
 
 
-def accuracy(probabilities: torch.Tensor, labels: torch.Tensor, where=None) -> float:
-    """Percent correct argmax predictions, over the rows selected by the boolean `where` (all by default)."""
+def accuracy(probabilities: torch.Tensor, labels: torch.Tensor, where=None) -> float | None:
+    """Percent correct argmax predictions, over the rows selected by the boolean `where` (all by default); None
+    when no row is selected (null in the JSON, left out of the printed lines)."""
     if where is not None:
         probabilities, labels = probabilities[where], labels[where]
-    return 100.0 * (probabilities.argmax(-1) == labels).float().mean().item() if len(labels) else float("nan")
+    return 100.0 * (probabilities.argmax(-1) == labels).float().mean().item() if len(labels) else None
 
 
 def classifier_tensors(run: Run, segments: LabelledSegments, block_size: int):
@@ -465,12 +484,10 @@ def classifier_report(run: Run, probabilities: torch.Tensor) -> dict:
     return report
 
 
-TOKEN_DROPOUT_SEED = 7919  # the dropout draws' generator: seed + this, a stream apart from the shuffle's
-
-
 def train_classifier(run: Run, config: TransformerConfig, training: TrainingConfig, seed: int, log=print,
-                     harness: Harness | None = None, build_model=None):
-    """Train the encoder classifier; return the model and its report (per-epoch table, accuracies).
+                     harness: Harness | None = None, build_model=None, wrap_batches=None) -> TrainResult:
+    """Train the encoder classifier: its per-epoch rows, and the test accuracies of the model returned.
+    The studies' hooks: wrap_batches(batches, seed) changes the training batches (dataset.token_dropout's).
     build_model(config), if given, makes the classifier (pretraining.py's starts from a pretrained encoder)."""
     torch.manual_seed(seed)
     model = (build_model(config) if build_model else TransformerClassifier(config)).to(run.device)
@@ -482,8 +499,8 @@ def train_classifier(run: Run, config: TransformerConfig, training: TrainingConf
         validation = (train_ids[held_out], train_labels[held_out])
         train_ids, train_labels = train_ids[kept], train_labels[kept]
     batches = EpochBatches(train_ids, train_labels, training.batch_size, torch.Generator().manual_seed(seed))
-    if training.token_dropout > 0:
-        batches = TokenDropout(batches, training.token_dropout, torch.Generator().manual_seed(seed + TOKEN_DROPOUT_SEED))
+    if wrap_batches is not None:
+        batches = wrap_batches(batches, seed)
     steps_per_epoch = math.ceil(len(train_ids) / training.batch_size)
     harness = harness or Harness()
     data = "\n".join(f"{label}\t{text}" for label, text in zip(run.data.train_cls.labels, run.data.train_cls.texts))
@@ -513,44 +530,43 @@ def train_classifier(run: Run, config: TransformerConfig, training: TrainingConf
                  stop_after=stop_after, harness=harness)
     seconds = time.perf_counter() - started
     if validation is not None and training.refit:
-        chosen = best_evaluation(epochs)["epoch"]
-        log(f"validation chose {chosen} epochs: retraining on the whole training file")
-        refit = replace(training, stop_after=chosen, validation_fraction=0.0, refit=False)
-        model, report = train_classifier(run, config, refit, seed, log, harness.for_refit(f"{harness.name}_refit"),
-                                         build_model)
-        report.update(selection_epochs=epochs, chosen_epochs=chosen, train_seconds=seconds + report["train_seconds"],
-                      model=f"retrained on all of train_CLS.tsv for the {chosen} epochs validation chose")
-        return model, report
+        selection = TrainResult(model, count_parameters(model), "epoch", epochs, {}, seconds)
+        return refit_after(selection, training, lambda refit: train_classifier(
+            run, config, refit, seed, log, harness.for_refit(f"{harness.name}_refit"), build_model, wrap_batches), TRAIN_CLS, log)
     # fit() restores the best validation evaluation's weights; without validation the model is the last evaluated
     # one, unless this process did not evaluate (a data parallel worker) or a resumed run had no step left to take
     probabilities = latest.get("test") if validation is None else None
     if probabilities is None:
         probabilities = predict(model, test_ids, run.device)
-    report = {"num_parameters": count_parameters(model), "epochs": epochs,
-              **classifier_report(run, probabilities), "train_seconds": seconds}
-    if validation is not None:
-        report["model"] = f"the best validation evaluation (epoch {best_evaluation(epochs)['epoch']}), restored"
-    else:
-        report["model"] = f"the last epoch ({epochs[-1]['epoch']})"
-    return model, report
+    final = classifier_report(run, probabilities)
+    chosen = best_evaluation(epochs)["epoch"] if validation is not None else None
+    final["model"] = (f"the best validation evaluation (epoch {chosen}), restored" if chosen is not None
+                      else f"the last epoch ({epochs[-1]['epoch']})")
+    return TrainResult(model, count_parameters(model), "epoch", epochs, final, seconds, chosen)
 
 
 # ---------------------------------------------------------------- language model
 
 
 @torch.no_grad()
+def scored_windows(model, stream: torch.Tensor, block_size: int, device, batch_size: int = 16):
+    """Yield (logits, targets) for every token of `stream` after the first: consecutive windows of block_size
+    tokens, batch_size windows at a time; the one windowing of every perplexity and per-token NLL."""
+    model.eval()
+    for inputs, targets in consecutive_windows(stream, block_size):
+        for x, y in zip(inputs.split(batch_size), targets.split(batch_size)):
+            yield model(x.to(device)).logits, y.to(device)
+
+
 def negative_log_likelihood(model, stream: torch.Tensor, block_size: int, device, batch_size: int = 16):
     """Summed cross-entropy (nats) over every token of `stream` after the first, in consecutive windows,
     and the number of tokens scored."""
     # 16 windows of the course's 32 tokens: (512, 5635) float logits, 11.5 MB, stay in cache between the head's
     # product and the cross-entropy; 128 windows (92 MB) made the evaluation about 1.8 times slower on the CPU
-    model.eval()
     total, count = 0.0, 0
-    for inputs, targets in consecutive_windows(stream, block_size):
-        for x, y in zip(inputs.split(batch_size), targets.split(batch_size)):
-            logits = model(x.to(device)).logits
-            total += F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
-            count += y.numel()
+    for logits, targets in scored_windows(model, stream, block_size, device, batch_size):
+        total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+        count += targets.numel()
     return total, count
 
 
@@ -583,8 +599,12 @@ def encode_stream(run: Run, text: str) -> torch.Tensor:
 
 
 def train_language_model(run: Run, config: TransformerConfig, training: TrainingConfig, seed: int, log=print,
-                         harness: Harness | None = None, build_model=None):
-    """Train the decoder on train_LM.txt; return the model and its report (perplexity every eval_interval).
+                         harness: Harness | None = None, build_model=None, wrap_batches=None,
+                         train_eval_tokens: int | None = None) -> TrainResult:
+    """Train the decoder on train_LM.txt: its rows (perplexity every eval_interval), and the returned model's figures.
+    The studies' hooks: wrap_batches(batches, train_stream, config, seed) changes the training batches
+    (dataset.input_noise's); train_eval_tokens scores the train perplexity on that many first tokens only (None: all,
+    as the course does; the scaling study's 1.6M-token slices would otherwise spend most of their time there).
     build_model(config, train_stream), if given, makes another decoder (novel.py's needs the training stream)."""
     torch.manual_seed(seed)
     train_text, validation_text = split_lines(run.data.train_lm, training.validation_fraction)
@@ -598,14 +618,15 @@ def train_language_model(run: Run, config: TransformerConfig, training: Training
     if len(train_stream) <= config.block_size:
         raise DataError(f"train_LM.txt has {len(train_stream)} tokens, fewer than block_size + 1")
     batches = WindowBatches(train_stream, config.block_size, training.batch_size, torch.Generator().manual_seed(seed))
-    batches = noised_batches(batches, training.input_noise, training.noise_gamma, train_stream, config.vocab_size, seed)
+    if wrap_batches is not None:
+        batches = wrap_batches(batches, train_stream, config, seed)
     harness = harness or Harness()
     harness = replace(harness, identity=run_identity(run, "lm", config, training, seed, run.data.train_lm, harness),
                       save_last=validation_stream is not None and training.refit)
 
     def evaluate(step, recent_steps):
         row = {"iteration": step, "train_loss": sum(loss for loss, _, _ in recent_steps) / len(recent_steps),
-               "train_perplexity": perplexity(model, train_stream[:training.train_eval_tokens], config.block_size, run.device),
+               "train_perplexity": perplexity(model, train_stream[:train_eval_tokens], config.block_size, run.device),
                "perplexity": {name: perplexity(model, stream, config.block_size, run.device)
                               for name, stream in test_streams.items()}}
         if validation_stream is not None:
@@ -622,25 +643,19 @@ def train_language_model(run: Run, config: TransformerConfig, training: Training
     started = time.perf_counter()
     evals = fit(model, batches, training.max_iters, training.eval_interval, evaluate, training, run.device,
                 count_correct=False, stop_after=training.stop_after, harness=harness)
-    report = {"num_parameters": count_parameters(model), "evals": evals, "train_seconds": time.perf_counter() - started}
+    seconds = time.perf_counter() - started
     if validation_stream is not None and training.refit:
-        chosen = best_evaluation(evals)["iteration"]
-        log(f"validation chose {chosen} iterations: retraining on the whole of train_LM.txt")
         # the refit keeps the evaluation interval: its own curve, and no effect on its weights (evaluation draws nothing)
-        refit = replace(training, stop_after=chosen, validation_fraction=0.0, refit=False)
-        model, final = train_language_model(run, config, refit, seed, log, harness.for_refit(f"{harness.name}_refit"),
-                                            build_model)
-        final["final"]["model"] = f"retrained on all of train_LM.txt for the {chosen} iterations validation chose"
-        final.update(selection_evals=evals, best_iteration=chosen, refit=True,
-                     train_seconds=report["train_seconds"] + final["train_seconds"])
-        return model, final
+        selection = TrainResult(model, count_parameters(model), "iteration", evals, {}, seconds)
+        return refit_after(selection, training, lambda refit: train_language_model(
+            run, config, refit, seed, log, harness.for_refit(f"{harness.name}_refit"), build_model, wrap_batches,
+            train_eval_tokens), TRAIN_LM, log)
     if validation_stream is not None:  # the restored best model: its figures are those of its evaluation
         best = best_evaluation(evals)
-        report["best_iteration"] = best["iteration"]
-        report["final"] = final_figures(best, f"the best validation evaluation (iteration {best['iteration']}), restored")
-    else:
-        report["final"] = final_figures(evals[-1], f"the last iteration ({evals[-1]['iteration']})")
-    return model, report
+        final = final_figures(best, f"the best validation evaluation (iteration {best['iteration']}), restored")
+        return TrainResult(model, count_parameters(model), "iteration", evals, final, seconds, best["iteration"])
+    final = final_figures(evals[-1], f"the last iteration ({evals[-1]['iteration']})")
+    return TrainResult(model, count_parameters(model), "iteration", evals, final, seconds)
 
 
 def final_figures(row: dict, model: str) -> dict:

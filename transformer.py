@@ -42,8 +42,6 @@ class TransformerConfig:
     n_classes: int = 3
     tie_embeddings: bool = False  # decoder only
     dropout: float = 0.0
-    # drop whole word types from the token embeddings in training (AWD-LSTM's embedding dropout, Merity et al. 2018)
-    embedding_dropout: float = 0.0
     label_smoothing: float = 0.0
     init_std: float | None = None  # None keeps PyTorch's default initialisation, as the course does
     pad_id: int = 0
@@ -66,7 +64,7 @@ class TransformerConfig:
             raise ValueError("tie_embeddings needs the token table n_embd wide (embedding_dim None or n_embd)")
         if self.norm_eps <= 0 or self.rope_base <= 1:
             raise ValueError(f"norm_eps must be positive and rope_base above 1, got {self.norm_eps}, {self.rope_base}")
-        for name in ("dropout", "embedding_dropout"):
+        for name in ("dropout",):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         tables = {"feedforward": FEEDFORWARDS, "norm": NORMS, "norm_placement": BLOCKS,
@@ -486,35 +484,6 @@ class FactorisedEmbedding(nn.Module):
         return self.projection(self.table(idx))  # (B, T, C)
 
 
-class KeepEmbeddings(nn.Module):
-    """No embedding dropout (the course's): the token embeddings unchanged."""
-
-    def forward(self, idx, x):
-        return x
-
-
-class EmbeddingDropout(nn.Module):
-    """AWD-LSTM's embedding dropout (Merity et al., 2018): in training, each vocabulary id is dropped with
-    probability p for the whole batch (its embedding zeroed at every position it occurs), the kept ones scaled by
-    1 / (1 - p); the identity in evaluation. The output head, even a tied one, is not touched."""
-
-    def __init__(self, vocab_size: int, p: float):
-        super().__init__()
-        self.vocab_size, self.p = vocab_size, p
-
-    def forward(self, idx, x):
-        """idx: (B, T) ids; x: (B, T, C) their embeddings."""
-        if not self.training:
-            return x
-        keep = torch.empty(self.vocab_size, device=x.device).bernoulli_(1 - self.p) / (1 - self.p)  # (V,): one draw per word type
-        return x * keep[idx].unsqueeze(-1).to(x.dtype)  # (B, T, C)
-
-
-def embedding_dropout(config: TransformerConfig) -> nn.Module:
-    """EmbeddingDropout, or KeepEmbeddings at p = 0: no random draw, so the course's numbers are unchanged."""
-    return EmbeddingDropout(config.vocab_size, config.embedding_dropout) if config.embedding_dropout > 0 else KeepEmbeddings()
-
-
 def token_embedding(config: TransformerConfig) -> nn.Module:
     """nn.Embedding(V, C), or ALBERT's factorised one when embedding_dim is set and differs from n_embd."""
     if config.embedding_dim in (None, config.n_embd):
@@ -528,7 +497,6 @@ class Trunk(nn.Module):
     def __init__(self, config: TransformerConfig, causal: bool, max_len: int):
         super().__init__()
         self.token_embedding = token_embedding(config)
-        self.embedding_dropout = embedding_dropout(config)  # (idx, embeddings) -> embeddings; parameter-free
         self.positions = POSITIONS[config.position](config, max_len)
         self.mask = AttentionMask(config.attention_pattern, config.window, causal, max_len)
         self.dropout = dropout(config.dropout)
@@ -626,7 +594,7 @@ class TransformerClassifier(nn.Module):
     def forward(self, idx, targets=None, return_attention=False) -> Output:
         """idx: (B, T) token ids, padded with pad_id; targets: (B,) class labels."""
         key_mask = idx != self.config.pad_id  # (B, T)
-        tokens = self.encoder.embedding_dropout(idx, self.encoder.token_embedding(idx))  # (B, T, C)
+        tokens = self.encoder.token_embedding(idx)  # (B, T, C)
         x, key_mask = self.pooling.prepend(tokens, key_mask)
         h, attentions = self.encoder(x, key_mask, return_attention=return_attention)
         logits = self.head(self.pooling(h, key_mask))  # (B, n_classes)
@@ -652,7 +620,7 @@ class TransformerLM(nn.Module):
 
     def forward(self, idx, targets=None, caches=None, return_attention=False) -> Output:
         """idx, targets: (B, T) token ids. Returns (B, T, V) logits and the mean cross-entropy."""
-        x = self.decoder.embedding_dropout(idx, self.decoder.token_embedding(idx))  # (B, T, C)
+        x = self.decoder.token_embedding(idx)  # (B, T, C)
         h, attentions = self.decoder(x, caches=caches, return_attention=return_attention)
         logits = self.lm_head(h)  # (B, T, V)
         loss = None

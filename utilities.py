@@ -214,13 +214,12 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 
 # ---------------------------------------------------------------- checkpoints
-# A checkpoint is a directory: model.pt (the state_dict), config.json (the TransformerConfig plus
+# A checkpoint is a directory: model.safetensors (the weights, a tied matrix once), config.json (the TransformerConfig plus
 # "model": "classifier" | "lm"), tokenizer.json and metrics.json. It is written into a hidden sibling
 # directory and renamed into place, so a reader sees the old checkpoint or the new one, never a mix.
 
-# weights go to model.safetensors (no pickle, read by the whole ecosystem); model.pt is the format before it, still loaded
+# safetensors: no pickle, and read by the whole ecosystem
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json", "metrics.json")
-LEGACY_WEIGHTS = "model.pt"
 CHECKPOINT_MODELS = {"classifier": TransformerClassifier, "lm": TransformerLM}
 
 
@@ -298,12 +297,9 @@ def _read_json(path: Path, kind=dict):
 
 
 def _read_weights(path: Path) -> dict:
-    """The state_dict in `path` (safetensors, or a legacy torch.save file loaded without unpickling objects)."""
+    """The state_dict in the safetensors file `path`."""
     try:
-        if path.suffix == ".safetensors":
-            state_dict = safetensors.torch.load_file(path, device="cpu")
-        else:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        state_dict = safetensors.torch.load_file(path, device="cpu")
     except Exception as error:  # truncated or corrupt archives fail in many ways (RuntimeError, EOFError, ...)
         # torch's own text may be long or misleading (a corrupt file is "Weights only load failed")
         raise CheckpointError(f"{path}: unreadable weights, truncated or corrupt ({type(error).__name__})") from error
@@ -312,18 +308,11 @@ def _read_weights(path: Path) -> dict:
     return state_dict
 
 
-def _weights_path(directory: Path) -> Path:
-    """model.safetensors, or model.pt where only that (a checkpoint saved before safetensors) is there."""
-    if not (directory / CHECKPOINT_FILES[0]).is_file() and (directory / LEGACY_WEIGHTS).is_file():
-        return directory / LEGACY_WEIGHTS
-    return directory / CHECKPOINT_FILES[0]
-
-
 def load_checkpoint(directory: Path) -> tuple[dict, dict, str, dict]:
     """(state_dict, config_dict, tokenizer_json, metrics) of a checkpoint; CheckpointError if any is unusable."""
     directory = Path(directory)
-    weights = _weights_path(directory)
-    for path in (weights, *(directory / name for name in CHECKPOINT_FILES[1:])):
+    weights = directory / CHECKPOINT_FILES[0]
+    for path in (directory / name for name in CHECKPOINT_FILES):
         if not path.is_file():
             raise CheckpointError(f"{path}: missing from the checkpoint")
     state_dict = _read_weights(weights)
@@ -359,10 +348,9 @@ def build_and_load(directory: Path) -> tuple[torch.nn.Module, str, dict]:
         model = CHECKPOINT_MODELS[kind](TransformerConfig(**options))
     except (TypeError, ValueError) as error:  # unknown option, or a value validate() rejects
         raise CheckpointError(f"{config_path}: cannot build the model ({error})") from error
-    # a legacy model.pt holds a tied matrix under both names, model.safetensors under the first only
-    weights = _weights_path(directory)
-    expected = model.state_dict() if weights.name == LEGACY_WEIGHTS else unique_state_dict(model)
-    problem = _mismatch(expected, state_dict)
+    # model.safetensors holds a tied matrix under its first name only
+    weights = directory / CHECKPOINT_FILES[0]
+    problem = _mismatch(unique_state_dict(model), state_dict)
     if problem:
         raise CheckpointError(f"{weights}: does not match config.json: {problem}")
     model.load_state_dict(state_dict, strict=False)  # the keys were checked above; a tied name shares its tensor

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import training
 import utilities
+from dataset import token_dropout
 from models import averaging
 from runtime.memory import keep_freed_memory
 from studies import pretraining, workers
@@ -72,24 +73,24 @@ def train_row(job: tuple) -> tuple[tuple, dict]:
     pretrain, drop, average = ROWS[row]
     wrap_builder = partial(averaging.ema_builder, decay, model_class=TransformerClassifier) if average else None
     config = training.model_config(run, "classifier", preset="best")
-    settings = replace(training.training_config(run, "classifier", preset="best"), refit=refit,
-                       token_dropout=dropout_rate if drop else 0.0)
+    settings = replace(training.training_config(run, "classifier", preset="best"), refit=refit)
+    wrap_batches = token_dropout(dropout_rate) if drop else None
     quiet = lambda *a, **k: None  # noqa: E731
     started = time.perf_counter()
     if pretrain:
         pretrained = pretrained_encoder(run, config, settings, masking, seed, cache)
-        model, report = pretraining.train_pretrained_classifier(run, config, settings, masking, seed, quiet, pretrained,
-                                                                wrap_builder=wrap_builder)
+        trained, pretrained_report = pretraining.train_pretrained_classifier(
+            run, config, settings, masking, seed, quiet, pretrained, wrap_builder=wrap_builder, wrap_batches=wrap_batches)
     else:
-        model, report = training.train_classifier(run, config, settings, seed, log=quiet,
-                                                  build_model=wrap_builder() if wrap_builder else None)
-    selection = report.get("selection_epochs", report["epochs"])
-    best = training.best_evaluation(selection)
+        trained = training.train_classifier(run, config, settings, seed, log=quiet,
+                                            build_model=wrap_builder() if wrap_builder else None, wrap_batches=wrap_batches)
+    model = trained.model
+    best = training.best_evaluation(trained.selection or trained.history)
     result = {"validation_accuracy": best["validation_accuracy"], "chosen_epoch": best["epoch"],
-              "seconds": report["train_seconds"], "wall_seconds": time.perf_counter() - started}
+              "seconds": trained.train_seconds, "wall_seconds": time.perf_counter() - started}
     if pretrain:
-        result["mlm"] = [{k: r[k] for k in ("step", "train_loss", "validation_loss")} for r in report["pretraining"]["history"]]
-        result["pretraining_seconds"] = report["pretraining"]["seconds"]
+        result["mlm"] = [{k: r[k] for k in ("step", "train_loss", "validation_loss")} for r in pretrained_report["history"]]
+        result["pretraining_seconds"] = pretrained_report["seconds"]
     if refit:  # test figures only for the final rows; --tune never looks at them
         ids, _ = training.classifier_tensors(run, run.data.test_cls, config.block_size)
         probabilities = training.predict(model, ids, run.device)

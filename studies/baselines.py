@@ -76,9 +76,9 @@ def to_csr(matrix: torch.Tensor) -> torch.Tensor:
         return matrix.to_sparse_csr()
 
 
-def accuracy(predicted: Sequence[int], labels: Sequence[int]) -> float:
-    """Percent of equal entries (nan when empty)."""
-    return 100.0 * sum(p == y for p, y in zip(predicted, labels)) / len(labels) if len(labels) else float("nan")
+def accuracy(predicted: Sequence[int], labels: Sequence[int]) -> float | None:
+    """Percent of equal entries (None when empty, as training.accuracy)."""
+    return 100.0 * sum(p == y for p, y in zip(predicted, labels)) / len(labels) if len(labels) else None
 
 
 # ---------------------------------------------------------------- classifiers

@@ -21,19 +21,21 @@ def summarise_improve(run, task: str, reports: list[dict]) -> dict:
     """Mean and spread over seeds; for the classifier also the seed ensemble (mean of the probabilities)."""
     summary = {"num_parameters": reports[0]["num_parameters"], "train_seconds": spread([r["train_seconds"] for r in reports])}
     if task == "classifier":
-        summary.update({key: spread([r[key] for r in reports]) for key in CLASSIFIER_COLUMNS})
+        # a split with no segments (None: the stand-in has no test segment seen in training) stays None
+        summary.update({key: spread([r[key] for r in reports]) if reports[0][key] is not None else None
+                        for key in CLASSIFIER_COLUMNS})
         ensemble = torch.tensor([r["probabilities"] for r in reports]).mean(0)
         summary["ensemble"] = {key: value for key, value in training.classifier_report(run, ensemble).items()
                                if key in CLASSIFIER_COLUMNS}
-        if "chosen_epochs" in reports[0]:
-            summary["chosen_epochs"] = [r["chosen_epochs"] for r in reports]
+        if reports[0]["chosen"] is not None:
+            summary["chosen"] = [r["chosen"] for r in reports]
         return summary
     summary["perplexity"] = {name: spread([r["perplexity"][name] for r in reports]) for name in reports[0]["perplexity"]}
-    if "best_iteration" in reports[0]:
-        summary["best_iteration"] = [r["best_iteration"] for r in reports]
+    if reports[0]["chosen"] is not None:
+        summary["chosen"] = [r["chosen"] for r in reports]
     # the selection run's curve (with validation) where there is one: it is what chose the stopping point
     summary["curves"] = [[{k: row[k] for k in ("iteration", "validation_perplexity", "perplexity") if k in row}
-                          for row in r.get("selection_evals", r["evals"])] for r in reports]
+                          for row in r["curve"]] for r in reports]
     return summary
 
 
@@ -70,7 +72,7 @@ def improve_gap(run, target_nlls: list[dict]) -> dict:
 
 def _value(entry: dict, key: str) -> str:
     value = entry[key]
-    return cell(value) if isinstance(value, dict) else f"{value:.2f}"
+    return cell(value) if isinstance(value, dict) else "" if value is None else f"{value:.2f}"
 
 
 def improve_tables(results: dict) -> dict[str, str]:

@@ -192,15 +192,15 @@ def from_encoder(encoder: Trunk):
 
 def train_pretrained_classifier(run, config: TransformerConfig, settings: training.TrainingConfig,
                                 masking: MaskingConfig, seed: int, log=print, pretrained: tuple | None = None,
-                                wrap_builder=None):
+                                wrap_builder=None, wrap_batches=None):
     """Pretrain on the unlabelled text without the validation segments, then fine-tune with `settings` (selection
-    and refit both start from that encoder); return the classifier and its report, pretraining time included.
+    and refit both start from that encoder); return the fine-tuned TrainResult (its seconds include the pretraining)
+    and the pretraining's report.
     pretrained: a (MaskedLM, report) that pretrain() returned for the same arguments, to fine-tune it again;
-    wrap_builder: turns the classifier factory into another (averaging.ema_builder's `inner`)."""
+    wrap_builder: turns the classifier factory into another (averaging.ema_builder's `inner`); wrap_batches: as for
+    training.train_classifier."""
     mlm, pretraining = pretrained or pretrain(run, config, masking, seed, validation_segments(run, settings), log)
     build = from_encoder(mlm.encoder.cpu())
-    model, report = training.train_classifier(run, with_mask_row(config, run.tokenizer), settings, seed, log,
-                                              build_model=wrap_builder(build) if wrap_builder else build)
-    report.update(pretraining=pretraining, fine_tune_seconds=report["train_seconds"],
-                  train_seconds=report["train_seconds"] + pretraining["seconds"])
-    return model, report
+    result = training.train_classifier(run, with_mask_row(config, run.tokenizer), settings, seed, log,
+                                       build_model=wrap_builder(build) if wrap_builder else build, wrap_batches=wrap_batches)
+    return replace(result, train_seconds=result.train_seconds + pretraining["seconds"]), pretraining

@@ -96,10 +96,10 @@ def _train_slice(job: SliceJob) -> tuple[SliceJob, dict]:
             config = training.model_config(sliced, "lm", preset=job.model)
             settings = replace(training.training_config(sliced, "lm", preset=job.model), max_iters=job.steps,
                                eval_interval=max(1, job.steps // EVALUATIONS), validation_fraction=VALIDATION,
-                               refit=False, train_eval_tokens=20_000)
-            model, result = training.train_language_model(sliced, config, settings, job.seed, log=quiet)
-            report = {"perplexity": result["final"]["perplexity"], "best_iteration": result["best_iteration"],
-                      "num_parameters": result["num_parameters"]}
+                               refit=False)
+            result = training.train_language_model(sliced, config, settings, job.seed, log=quiet, train_eval_tokens=20_000)
+            report = {"perplexity": result.final["perplexity"], "best_iteration": result.chosen,
+                      "num_parameters": result.num_parameters}
         report["train_tokens"] = len(run.words.split(split_lines(text, VALIDATION)[0]))
         report["targets"] = {name: len(run.words.split(t)) - 1 for name, t in run.data.test_lm.items()}
         report["pooled_perplexity"] = pooled_perplexity(report["perplexity"], report["targets"])
@@ -116,9 +116,8 @@ def _train_slice(job: SliceJob) -> tuple[SliceJob, dict]:
             epochs = max(2, min(settings.epochs, math.ceil(job.steps / steps_per_epoch)))
             settings = replace(settings, epochs=epochs, validation_fraction=VALIDATION, refit=False)
             config = training.model_config(sliced, "classifier", preset=job.model)
-            _, result = training.train_classifier(sliced, config, settings, job.seed, log=quiet)
-            report = {"test_accuracy": result["test_accuracy"], "epochs": epochs,
-                      "best_epoch": training.best_evaluation(result["epochs"])["epoch"]}
+            result = training.train_classifier(sliced, config, settings, job.seed, log=quiet)
+            report = {"test_accuracy": result.final["test_accuracy"], "epochs": epochs, "best_epoch": result.chosen}
         report["train_segments"] = len(held_out(segments)[0].texts)
     report["seconds"] = time.perf_counter() - started
     return job, report

@@ -25,19 +25,18 @@ CANDIDATES = {
 }
 
 
-# task -> (train function, its evaluation rows, the step of a row, the validation figure of a row)
-TASKS = {"classifier": (training.train_classifier, "epochs", "epoch", "validation_accuracy"),
-         "lm": (training.train_language_model, "evals", "iteration", "validation_perplexity")}
+# task -> (train function, the validation figure of an evaluation row)
+TASKS = {"classifier": (training.train_classifier, "validation_accuracy"),
+         "lm": (training.train_language_model, "validation_perplexity")}
 
 
 def best_validation(run, task: str, changes: dict, seed: int) -> tuple[int, float]:
     """(epoch or iteration, validation figure) of the best evaluation of one selection run."""
     config = training.model_config(run, task, preset="best", **{**FIRST_ROUND[task], **changes})
     settings = replace(training.training_config(run, task, preset="best"), refit=False)
-    train, rows, step, figure = TASKS[task]
-    _, report = train(run, config, settings, seed, log=lambda *a, **k: None)
-    best = training.best_evaluation(report[rows])
-    return best[step], best[figure]
+    train, figure = TASKS[task]
+    result = train(run, config, settings, seed, log=lambda *a, **k: None)
+    return result.chosen, training.best_evaluation(result.history)[figure]
 
 
 def print_best_validations(run, task: str, names: list[str], seeds: list[int]):

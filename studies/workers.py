@@ -50,8 +50,8 @@ def _train_one(job: Job) -> tuple[Job, dict]:
     quiet = lambda *a, **k: None  # noqa: E731
     prefix = f"{job.preset}_{'encoder' if job.task == 'classifier' else 'decoder'}_{job.name}"
     if job.task == "classifier":
-        model, report = training.train_classifier(run, config, settings, job.seed, log=quiet)
-        report.pop("epochs")
+        result = training.train_classifier(run, config, settings, job.seed, log=quiet)
+        model, report = result.model, job_report(result)
         ids, _ = training.classifier_tensors(run, run.data.test_cls, config.block_size)
         report["probabilities"] = training.predict(model, ids, run.device).tolist()  # for seed ensembles
         report["attention_failures"] = utilities.attention_check(
@@ -59,12 +59,11 @@ def _train_one(job: Job) -> tuple[Job, dict]:
         return job, report
     if settings.validation_fraction == 0:  # nothing to select on: evaluate once, at the end
         settings = replace(settings, eval_interval=settings.max_iters)
-    model, report = training.train_language_model(run, config, settings, job.seed, log=quiet)
-    final = report.pop("final")  # every figure of the returned model (the refit under --preset best)
-    report.update(train_perplexity=final["train_perplexity"], perplexity=final["perplexity"], model=final["model"])
+    result = training.train_language_model(run, config, settings, job.seed, log=quiet)
+    model, report = result.model, job_report(result)
     report["attention_failures"] = utilities.attention_check(
         model, run.tokenizer, run.data.test_lm["obama"], True, run.device, run.heatmap_dir if job.heatmap else None, prefix)
-    if job.gap:  # per-target NLLs, for the gap to Kneser-Ney by word frequency (gap.py)
+    if job.gap:  # per-target NLLs, for the gap to Kneser-Ney by word frequency (studies/gap.py)
         report["target_nlls"] = {name: gap.target_nlls(model, training.encode_stream(run, text), config.block_size,
                                                        run.device).tolist() for name, text in run.data.test_lm.items()}
     if job.extrapolate:
@@ -72,6 +71,13 @@ def _train_one(job: Job) -> tuple[Job, dict]:
             length: {name: training.perplexity(model, training.encode_stream(run, text), length, run.device)
                      for name, text in run.data.test_lm.items()} for length in job.extrapolate}
     return job, report
+
+
+def job_report(result: training.TrainResult) -> dict:
+    """A job's figures for the summaries: the returned model's (the refit under --preset best), its size and seconds,
+    the epoch or iteration validation chose, and the rows that chose it (the selection run's, where there is one)."""
+    return {**result.final, "num_parameters": result.num_parameters, "train_seconds": result.train_seconds,
+            "chosen": result.chosen, "curve": result.selection or result.history}
 
 
 @contextmanager

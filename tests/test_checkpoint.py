@@ -64,21 +64,6 @@ def test_missing_file(tmp_path, name):
         build_and_load(tmp_path / "run")
 
 
-def save_legacy(directory, model):
-    """A checkpoint as saved before safetensors: the full state_dict (tied names twice) in model.pt."""
-    save(directory, model)
-    (directory / "model.safetensors").unlink()
-    torch.save(model.state_dict(), directory / "model.pt")
-
-
-@pytest.mark.parametrize("changes", [{}, {"tie_embeddings": True}])
-def test_legacy_model_pt_still_loads(tmp_path, changes):
-    model = lm(**changes)
-    save_legacy(tmp_path / "old", model)
-    loaded, _, _ = build_and_load(tmp_path / "old")
-    assert torch.equal(logits(loaded), logits(model))
-
-
 def test_tied_matrix_is_stored_once(tmp_path):
     from safetensors import safe_open
 
@@ -88,24 +73,16 @@ def test_tied_matrix_is_stored_once(tmp_path):
     assert "decoder.token_embedding.weight" in names and "lm_head.weight" not in names
 
 
-@pytest.mark.parametrize("legacy", [False, True])
 @pytest.mark.parametrize("damage", ["truncate", "empty", "garbage"])
-def test_corrupt_weights(tmp_path, damage, legacy):
-    (save_legacy if legacy else save)(tmp_path / "run", lm())
-    name = "model.pt" if legacy else "model.safetensors"
+def test_corrupt_weights(tmp_path, damage):
+    save(tmp_path / "run", lm())
+    name = "model.safetensors"
     weights = tmp_path / "run" / name
     data = weights.read_bytes()
     weights.write_bytes({"truncate": data[: len(data) // 2], "empty": b"", "garbage": random.Random(0).randbytes(2000)}[damage])
     with pytest.raises(CheckpointError, match=rf"{name}: unreadable weights, truncated or corrupt \(\w+\)$") as caught:
         load_checkpoint(tmp_path / "run")
     assert "\n" not in str(caught.value)
-
-
-def test_weights_that_are_not_a_state_dict(tmp_path):
-    save_legacy(tmp_path / "run", lm())
-    torch.save({"step": 3}, tmp_path / "run" / "model.pt")
-    with pytest.raises(CheckpointError, match=r"model\.pt: not a state_dict of tensors$"):
-        load_checkpoint(tmp_path / "run")
 
 
 @pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "metrics.json"])

@@ -35,7 +35,7 @@ def test_seed_ensemble_averages_the_probabilities(tiny_speeches):
     first = [[0.6, 0.3, 0.1], [0.1, 0.5, 0.4], [0.2, 0.7, 0.1], [0.3, 0.3, 0.4], [0.4, 0.5, 0.1]]
     second = [[0.2, 0.7, 0.1], [0.1, 0.2, 0.7], [0.2, 0.7, 0.1], [0.5, 0.2, 0.3], [0.9, 0.05, 0.05]]
     # the first seed predicts 0 1 1 2 1 (2 of 5 right), the second 1 2 1 0 0 (4 of 5 right)
-    reports = [{"num_parameters": 7, "train_seconds": 1.0, "probabilities": probabilities,
+    reports = [{"num_parameters": 7, "train_seconds": 1.0, "chosen": None, "probabilities": probabilities,
                 "test_accuracy": 0.0, "test_accuracy_seen": 0.0, "test_accuracy_unseen": 0.0,
                 "test_accuracy_unseen_both": 0.0} for probabilities in (first, second)]
     summary = improvement.summarise_improve(SimpleNamespace(data=tiny_speeches), "classifier", reports)

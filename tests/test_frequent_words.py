@@ -1,74 +1,18 @@
-"""Issue 13's regularisers for the frequent words, against independent references: embedding dropout (AWD-LSTM's
-masked embedding table), data noising (hand counts, the requested rates, the proposal's frequencies) and the seed
-ensemble (a brute-force mean of the members' softmaxes)."""
+"""The gap study's regularisers for the frequent words, against independent references: data noising (hand counts,
+the requested rates, the proposal's frequencies) and the seed ensemble (a brute-force mean of the members' softmaxes)."""
 
-import copy
 
 import pytest
 import torch
 
 import dataset
-import training
 from dataset import NoisedBatches, WindowBatches, noised_batches
 from models import averaging
 from models import novel_words as novel
 from tokenizer import UNK_ID
-from transformer import EmbeddingDropout, KeepEmbeddings, TransformerConfig, TransformerLM
+from transformer import TransformerConfig, TransformerLM
 
 TINY = TransformerConfig(vocab_size=12, block_size=8, n_embd=8, n_head=2, n_layer=1, ff_hidden=8)
-
-# ---------------------------------------------------------------- embedding dropout
-
-
-def test_embedding_dropout_drops_whole_word_types_and_scales_the_kept():
-    p = 0.4
-    module = EmbeddingDropout(vocab_size=12, p=p).train()
-    idx = torch.tensor([[2, 3, 2, 5, 2], [3, 5, 7, 2, 7]])  # ids repeated within and across rows of the batch
-    x = torch.randn(2, 5, 6)
-    dropped_share = []
-    for seed in range(300):
-        torch.manual_seed(seed)
-        out = module(idx, x)
-        for word in idx.unique().tolist():
-            at = idx == word
-            scale = out[at] / x[at]  # (positions of the word, C): one factor for all of them
-            assert torch.allclose(scale, torch.zeros_like(scale)) or torch.allclose(scale, torch.full_like(scale, 1 / (1 - p)))
-            dropped_share.append(float(torch.allclose(scale, torch.zeros_like(scale))))
-    assert sum(dropped_share) / len(dropped_share) == pytest.approx(p, abs=0.04)  # 1,200 draws: 3 sigma is 0.042
-    assert torch.equal(module.eval()(idx, x), x)
-
-
-def test_embedding_dropout_in_the_decoder_is_a_masked_embedding_table():
-    """AWD-LSTM's formulation: zero the dropped rows of the table and scale the rest, then embed; the head is untied."""
-    config = TransformerConfig(**{**TINY.to_dict(), "embedding_dropout": 0.5})
-    torch.manual_seed(0)
-    model = TransformerLM(config).train()  # no other dropout: train and eval differ only by the embedding dropout
-    idx = torch.tensor([[2, 3, 2, 5, 4, 3, 2, 9]])
-    torch.manual_seed(0)
-    logits = model(idx).logits
-    torch.manual_seed(0)
-    keep = torch.empty(config.vocab_size).bernoulli_(0.5) / 0.5  # the same draw, one per word type
-    reference = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        reference.decoder.token_embedding.weight.mul_(keep[:, None])
-    assert keep[idx].min() == 0 and keep[idx].max() == 2  # this draw drops some of the words and keeps others
-    assert torch.allclose(logits, reference(idx).logits, atol=1e-6)
-    model.eval()
-    assert not torch.allclose(model(idx).logits, logits)
-
-
-def test_no_embedding_dropout_is_the_identity_and_draws_nothing():
-    torch.manual_seed(0)
-    plain = TransformerLM(TINY)
-    assert isinstance(plain.decoder.embedding_dropout, KeepEmbeddings)
-    state = torch.get_rng_state()
-    idx = torch.tensor([[2, 3, 4]])
-    x = plain.decoder.token_embedding(idx)
-    assert plain.decoder.embedding_dropout(idx, x) is x
-    assert torch.equal(torch.get_rng_state(), state)
-    with pytest.raises(ValueError, match="embedding_dropout"):
-        TransformerConfig(embedding_dropout=1.0).validate()
-
 
 # ---------------------------------------------------------------- data noising
 
@@ -131,11 +75,11 @@ def test_noise_distributions_match_hand_counts():
     assert proposal.tolist() == [0, 0, 2, 1, 1, 1, 0]
 
 
-def test_training_config_refuses_an_unknown_noise():
+def test_the_noise_hook_refuses_an_unknown_noise_or_rate():
     with pytest.raises(ValueError, match="input noise"):
-        training.TrainingConfig(input_noise="gaussian", noise_gamma=0.1).validate()
+        dataset.input_noise("gaussian", 0.1)
     with pytest.raises(ValueError, match="input noise"):
-        training.TrainingConfig(input_noise="unigram", noise_gamma=1.0).validate()
+        dataset.input_noise("unigram", 1.0)
 
 
 # ---------------------------------------------------------------- seed ensembles

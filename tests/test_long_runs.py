@@ -139,8 +139,8 @@ def test_a_refit_preset_resumes_both_of_its_trainings(small_data, tmp_path, caps
     selection_step = torch.load(checkpoint / STATE_FILE, weights_only=True)["step"]
     refit_step = torch.load(checkpoint / "refit" / STATE_FILE, weights_only=True)["step"]
     whole = json.loads((tmp_path / "whole" / f"part_{part}.json").read_text())
-    last = {"one": lambda: 23 * len(whole["selection_epochs"]), "two": lambda: whole["selection_evals"][-1]["iteration"]}
-    refit_last = {"one": lambda: 25 * whole["chosen_epochs"], "two": lambda: whole["best_iteration"]}
+    last = {"one": lambda: 23 * len(whole["selection"]), "two": lambda: whole["selection"][-1]["iteration"]}
+    refit_last = {"one": lambda: 25 * whole["chosen"], "two": lambda: whole["chosen"]}
     assert selection_step == last[part]() and 0 < refit_step < refit_last[part]()  # the refit resumes mid-way
     capsys.readouterr()
     assert main.main([*common, "--out", str(tmp_path / "resumed"), "--resume", str(checkpoint)]) == 0
@@ -227,5 +227,5 @@ def test_the_log_dir_holds_every_step_and_evaluation(small_data, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "log" / "part_two.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3, 4, 5, 6]
     evaluations = [row["evaluation"] for row in rows if "evaluation" in row]
-    assert evaluations == json.loads((tmp_path / "part_two.json").read_text())["evals"]
+    assert evaluations == json.loads((tmp_path / "part_two.json").read_text())["history"]
 

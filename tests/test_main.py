@@ -30,13 +30,14 @@ def test_part_one_learns_and_reports(small_data, tmp_path, capsys):
                          "--extra-test", small_data / "test_CLS.tsv", *FAST)
     assert status == 0, out
     result = json.loads((tmp_path / "part_one.json").read_text())
-    losses = [row["train_loss"] for row in result["epochs"]]
+    losses = [row["train_loss"] for row in result["history"]]
     assert len(losses) == 4 and losses[-1] < losses[0]
     train = {line.split("\t")[1].strip() for line in (small_data / "train_CLS.tsv").read_text().splitlines()}
     test = [line.split("\t")[1].strip() for line in (small_data / "test_CLS.tsv").read_text().splitlines()]
     seen = sum(text in train for text in test)
-    assert (result["num_test_seen"], result["num_test_unseen"]) == (seen, len(test) - seen)
-    assert result["extra"]["test_CLS.tsv"] == result["test_accuracy"]
+    final = result["final"]
+    assert (final["num_test_seen"], final["num_test_unseen"]) == (seen, len(test) - seen)
+    assert result["extra"]["test_CLS.tsv"] == final["test_accuracy"]
     assert "attention sanity checks passed" in out
 
 
@@ -44,7 +45,7 @@ def test_part_two_perplexity_falls(small_data, tmp_path, capsys):
     status, out, _ = run(capsys, "--part", "two", "--data-dir", small_data, "--out", tmp_path,
                          "--max-iters", "60", "--eval-interval", "30", *FAST)
     assert status == 0, out
-    evals = json.loads((tmp_path / "part_two.json").read_text())["evals"]
+    evals = json.loads((tmp_path / "part_two.json").read_text())["history"]
     assert [row["iteration"] for row in evals] == [30, 60]
     assert evals[1]["train_perplexity"] < evals[0]["train_perplexity"]
     assert set(evals[0]["perplexity"]) == {"obama", "wbush", "hbush"}
@@ -72,22 +73,22 @@ def test_best_preset_selects_on_validation_then_refits_on_everything(small_data,
                          "--max-iters", "20", "--eval-interval", "10", "--n-layer", "1", "--batch-size", "8", *FAST)
     assert status == 0, out
     result = json.loads((tmp_path / "part_two.json").read_text())
-    assert [row["iteration"] for row in result["selection_evals"]] == [10, 20]  # the selection run, with validation
-    chosen = min(result["selection_evals"], key=lambda row: row["validation_perplexity"])["iteration"]
-    assert result["best_iteration"] == chosen and result["refit"]
+    assert [row["iteration"] for row in result["selection"]] == [10, 20]  # the selection run, with validation
+    chosen = min(result["selection"], key=lambda row: row["validation_perplexity"])["iteration"]
+    assert result["chosen"] == chosen
     # the curve and the final figures are the refit's, which has no validation split
-    assert [row["iteration"] for row in result["evals"]] == list(range(10, chosen + 1, 10))
-    assert result["final"] == {**{key: result["evals"][-1][key] for key in ("iteration", "train_perplexity", "perplexity")},
+    assert [row["iteration"] for row in result["history"]] == list(range(10, chosen + 1, 10))
+    assert result["final"] == {**{key: result["history"][-1][key] for key in ("iteration", "train_perplexity", "perplexity")},
                                "model": f"retrained on all of train_LM.txt for the {chosen} iterations validation chose"}
     assert "retrained on all of train_LM.txt" in out and f"final figures are those of {result['final']['model']}" in out
     status, out, _ = run(capsys, "--part", "one", "--data-dir", small_data, "--out", tmp_path, "--preset", "best",
                          "--epochs", "3", "--n-layer", "1", "--batch-size", "16", *FAST)
     assert status == 0, out
     result = json.loads((tmp_path / "part_one.json").read_text())
-    best = max(result["selection_epochs"], key=lambda row: row["validation_accuracy"])
-    assert result["chosen_epochs"] == best["epoch"]
-    assert [row["epoch"] for row in result["epochs"]] == list(range(1, best["epoch"] + 1))  # the refit stops there
-    assert result["model"] == f"retrained on all of train_CLS.tsv for the {best['epoch']} epochs validation chose"
+    best = max(result["selection"], key=lambda row: row["validation_accuracy"])
+    assert result["chosen"] == best["epoch"]
+    assert [row["epoch"] for row in result["history"]] == list(range(1, best["epoch"] + 1))  # the refit stops there
+    assert result["final"]["model"] == f"retrained on all of train_CLS.tsv for the {best['epoch']} epochs validation chose"
 
 
 def test_same_seed_gives_identical_numbers(small_data, tmp_path, capsys):
@@ -266,8 +267,8 @@ def test_improve_puts_baselines_base_and_best_side_by_side(small_data, tmp_path,
     for accuracy in (best["ensemble"]["test_accuracy"], *best["test_accuracy"]["values"]):  # a count of the 120 segments
         assert 120 * accuracy / 100 == pytest.approx(round(120 * accuracy / 100), abs=1e-6)
     # validation chooses when to stop (one of the evaluations); the final models are then retrained on everything
-    assert all(iteration in (10, 20) for iteration in improve["lm"]["best"]["best_iteration"])
-    assert all(epochs in (1, 2) for epochs in best["chosen_epochs"])
+    assert all(iteration in (10, 20) for iteration in improve["lm"]["best"]["chosen"])
+    assert all(epochs in (1, 2) for epochs in best["chosen"])
     assert (tmp_path / "improve_classifier.md").read_text().count("\n") == 2 + 6  # header, rule, 6 rows
 
 

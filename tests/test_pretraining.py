@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import training
-from dataset import TokenDropout, drop_tokens
+from dataset import TokenDropout, drop_tokens, token_dropout
 from studies import pretraining
 from studies.pretraining import IGNORE, MaskedLM, MaskingConfig, mask_tokens
 from tokenizer import PAD_ID, UNK_ID
@@ -84,7 +84,7 @@ def tiny_run(small_data):
                              training_flags={"batch_size": 32, "epochs": 2})
 
 
-def training_inputs(run, config, settings, build_model=None):
+def training_inputs(run, config, settings, build_model=None, wrap_batches=None):
     """The id batches the classifier is trained on (eval passes excluded), and the returned model."""
     seen = []
 
@@ -93,18 +93,18 @@ def training_inputs(run, config, settings, build_model=None):
         model.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()) if module.training else None)
         return model
 
-    model, _ = training.train_classifier(run, config, settings, 0, log=lambda *a: None, build_model=build)
+    model = training.train_classifier(run, config, settings, 0, log=lambda *a: None, build_model=build,
+                                      wrap_batches=wrap_batches).model
     return torch.cat(seen), model
 
 
 def test_defaults_are_the_courses_and_train_without_token_dropout(tiny_run):
-    assert training.TrainingConfig().token_dropout == 0.0
-    assert all("token_dropout" not in changes for preset in training.PRESETS.values() for changes in preset.classifier)
     config = training.model_config(tiny_run, "classifier")
     assert config.vocab_size == tiny_run.tokenizer.vocab_size  # no [MASK] row outside pretraining
     inputs, _ = training_inputs(tiny_run, config, training.training_config(tiny_run, "classifier"))
     assert not (inputs == UNK_ID).any()  # the training segments hold no <unk>: nothing was dropped
-    dropped, _ = training_inputs(tiny_run, config, replace(training.training_config(tiny_run, "classifier"), token_dropout=0.3))
+    settings = training.training_config(tiny_run, "classifier")
+    dropped, _ = training_inputs(tiny_run, config, settings, wrap_batches=token_dropout(0.3))
     share = (dropped == UNK_ID).sum() / (dropped != PAD_ID).sum()
     assert share == pytest.approx(0.3, abs=0.03)
 
@@ -125,7 +125,7 @@ def test_fine_tuning_starts_from_the_pretrained_encoder(tiny_run):
         return model
 
     settings = replace(training.training_config(tiny_run, "classifier"), validation_fraction=0.1, refit=True)
-    model, _ = training.train_classifier(tiny_run, mask_row, settings, 0, log=lambda *a: None, build_model=build)
+    model = training.train_classifier(tiny_run, mask_row, settings, 0, log=lambda *a: None, build_model=build).model
     assert len(starts) == 2  # the selection run and the refit both start from the pretrained encoder
     for start in starts:
         for name, tensor in pretrained.items():
@@ -149,5 +149,5 @@ def test_bad_masking_settings_are_refused():
     with pytest.raises(ValueError, match="masking shares"):
         MaskingConfig(to_mask=0.9, to_random=0.2).validate()
     with pytest.raises(ValueError, match="token dropout"):
-        training.TrainingConfig(token_dropout=1.0).validate()
+        token_dropout(1.0)
     assert F.cross_entropy(torch.zeros(1, 3), torch.tensor([IGNORE]), reduction="sum") == 0  # IGNORE is torch's

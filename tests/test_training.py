@@ -181,11 +181,12 @@ def test_best_preset_reports_the_figures_of_the_model_it_returns(small_data):
     run = make_run(data_dir=small_data, device="cpu", preset="best",
                    training_flags={"max_iters": 20, "eval_interval": 10, "batch_size": 8},
                    model_flags={"n_layer": 1, "n_embd": 16, "block_size": 16})
-    model, report = train_language_model(run, model_config(run, "lm"), training_config(run, "lm"), 1, log=lambda *a: None)
-    chosen = min(report["selection_evals"], key=lambda row: row["validation_perplexity"])["iteration"]
-    assert report["best_iteration"] == chosen and report["final"]["iteration"] == chosen
+    result = train_language_model(run, model_config(run, "lm"), training_config(run, "lm"), 1, log=lambda *a: None)
+    model, report = result.model, result.report()
+    chosen = min(report["selection"], key=lambda row: row["validation_perplexity"])["iteration"]
+    assert report["chosen"] == chosen and report["final"]["iteration"] == chosen
     assert "retrained on all of train_LM.txt" in report["final"]["model"]
-    assert report["evals"][-1]["perplexity"] == report["final"]["perplexity"]  # the table and the curve agree
+    assert report["history"][-1]["perplexity"] == report["final"]["perplexity"]  # the table and the curve agree
     cpu = torch.device("cpu")
     assert report["final"]["train_perplexity"] == perplexity(model, encode_stream(run, run.data.train_lm), 16, cpu)
     assert report["final"]["perplexity"] == {name: perplexity(model, encode_stream(run, text), 16, cpu)
@@ -199,8 +200,8 @@ def test_classifier_report_is_the_returned_models_evaluated_afresh(small_data, p
     run = make_run(data_dir=small_data, device="cpu", preset=preset or "base", training_flags={"epochs": 3, "batch_size": 32},
                    model_flags={"n_layer": 1, "n_embd": 16, "ff_hidden": 16, "block_size": 16})
     config = model_config(run, "classifier")
-    model, report = training.train_classifier(run, config, training_config(run, "classifier"), 1, log=lambda *a: None)
+    result = training.train_classifier(run, config, training_config(run, "classifier"), 1, log=lambda *a: None)
     ids, _ = training.classifier_tensors(run, run.data.test_cls, config.block_size)
-    afresh = classifier_report(run, training.predict(model, ids, torch.device("cpu")))
-    assert {key: report[key] for key in afresh} == afresh
-    assert report["epochs"][-1]["test_accuracy"] == report["test_accuracy"]
+    afresh = classifier_report(run, training.predict(result.model, ids, torch.device("cpu")))
+    assert {key: result.final[key] for key in afresh} == afresh
+    assert result.history[-1]["test_accuracy"] == result.final["test_accuracy"]
