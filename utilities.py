@@ -107,7 +107,7 @@ def attention_check(model, tokenizer, text: str, causal: bool, device, heatmap_d
     with torch.no_grad():
         attentions = model(inputs.to(device), return_attention=True).attentions
     key_mask = inputs != model.config.pad_id if not causal else None
-    if not causal and model.config.pooling == "cls":
+    if not causal and model.pooling.extra_tokens:  # [CLS] pooling puts a token before the text
         key_mask = torch.cat([torch.ones(1, 1, dtype=torch.bool), key_mask], dim=1)
         tokens = ["[CLS]", *tokens]
     failures = check_attention([a.cpu() for a in attentions], causal, key_mask)

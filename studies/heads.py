@@ -53,11 +53,12 @@ def analyse(model, batches, punctuation: torch.Tensor, pad_id: int | None, devic
     """Mean of each statistic per layer and head over all batches of (B, T) ids: {statistic: [[per head] per layer]}."""
     totals, counts = None, None
     model.eval()
+    extra_tokens = model.pooling.extra_tokens if hasattr(model, "pooling") else 0  # a decoder has no pooling
     with torch.no_grad():
         for ids in batches:
             real = ids != pad_id if pad_id is not None else torch.ones_like(ids, dtype=torch.bool)
             attentions = model(ids.to(device), return_attention=True).attentions
-            if attentions[0].shape[-1] == ids.shape[1] + 1:  # [CLS] pooling put a token before the text
+            if extra_tokens:  # [CLS] pooling puts a token before the text
                 real = torch.cat([real.new_ones(ids.shape[0], 1), real], dim=1)
                 ids = torch.cat([ids.new_full((ids.shape[0], 1), -1), ids], dim=1)
             is_punctuation = punctuation[ids.clamp_min(0)] & (ids >= 0)
