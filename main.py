@@ -91,14 +91,22 @@ def harness(run: Run, args, part: str) -> training.Harness:
                             progress_bar=not args.quiet and sys.stderr.isatty(), parallel=run.parallel)
 
 
+def train_part(run: Run, args, part: str, task: str) -> tuple[training.TrainResult, dict, list[str]]:
+    """Part one's or two's training of the course model: the result, its JSON (with the --extra-test figures) and
+    the attention checks' failures."""
+    train, extra, prefix = (train_classifier, extra_accuracy, "part1_encoder") if task == "classifier" else (
+        train_language_model, extra_perplexity, "part2_decoder")
+    trained = train(run, model_config(run, task), training_config(run, task), args.seed, harness=harness(run, args, part))
+    failures = check_attention(run, trained.model, task == "lm", prefix)
+    result = {"vocab_size": run.tokenizer.vocab_size, "tokenizer": run.settings.tokenizer, **trained.report(),
+              "extra": extra(run, trained.model)}
+    return trained, result, failures
+
+
 def part_one(run: Run, args) -> tuple[dict, list[str]]:
     """Encoder + classifier: per-epoch table, final, seen and unseen test accuracy."""
-    course = training_config(run, "classifier")
-    trained = train_classifier(run, model_config(run, "classifier"), course, args.seed, harness=harness(run, args, "one"))
+    trained, result, failures = train_part(run, args, "one", "classifier")
     model, final = trained.model, trained.final
-    failures = check_attention(run, model, False, "part1_encoder")
-    result = {"vocab_size": run.tokenizer.vocab_size, "tokenizer": run.settings.tokenizer, **trained.report(),
-              "extra": extra_accuracy(run, model)}
     print(f"parameters: {trained.num_parameters:,}   vocabulary: {run.tokenizer.vocab_size:,}")
     # a split with no segments (the stand-in's test addresses share none with training) is left out of the line
     splits = [f"{what} ({final[f'num_test_{split}']}): {final[f'test_accuracy_{split}']:.2f}%"
@@ -133,12 +141,8 @@ def plot_perplexities(run: Run, reports: dict, path: Path, title: str):
 
 def part_two(run: Run, args) -> tuple[dict, list[str]]:
     """Decoder language model: perplexity every eval_interval iterations."""
-    course = training_config(run, "lm")
-    trained = train_language_model(run, model_config(run, "lm"), course, args.seed, harness=harness(run, args, "two"))
+    trained, result, failures = train_part(run, args, "two", "lm")
     model, final = trained.model, trained.final
-    failures = check_attention(run, model, True, "part2_decoder")
-    result = {"vocab_size": run.tokenizer.vocab_size, "tokenizer": run.settings.tokenizer, **trained.report(),
-              "extra": extra_perplexity(run, model)}
     print(f"parameters: {trained.num_parameters:,}   vocabulary: {run.tokenizer.vocab_size:,} ({run.settings.tokenizer})")
     if trained.chosen is not None:
         how = "retrained on all of train_LM.txt up to it" if trained.selection is not None else "restored that model"

@@ -1,6 +1,6 @@
 """Training and evaluation shared by every part: configs, presets, one train loop, accuracy and perplexity.
 
-Split from main.py so that the command line stays a thin shell and experiments.py can reuse the same
+Split from main.py so that the command line stays a thin shell and the studies can reuse the same
 functions; nothing here knows about argparse.
 """
 
@@ -605,7 +605,7 @@ def train_language_model(run: Run, config: TransformerConfig, training: Training
     The studies' hooks: wrap_batches(batches, train_stream, config, seed) changes the training batches
     (dataset.input_noise's); train_eval_tokens scores the train perplexity on that many first tokens only (None: all,
     as the course does; the scaling study's 1.6M-token slices would otherwise spend most of their time there).
-    build_model(config, train_stream), if given, makes another decoder (novel.py's needs the training stream)."""
+    build_model(config, train_stream), if given, makes another decoder (models/novel_words.py's needs the training stream)."""
     torch.manual_seed(seed)
     train_text, validation_text = split_lines(run.data.train_lm, training.validation_fraction)
     train_stream = encode_stream(run, train_text)

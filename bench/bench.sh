@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Benchmark and seed spread for the course parts (issue targets are checked here, not in tests).
+# Benchmark and seed spread for the course parts (speed targets are checked here, not in tests).
 #   bash bench/bench.sh [DATA_DIR]  times each part with the default seed, then seeds 43 and 44,
 #                                 and prints mean +- standard deviation over the three seeds.
 set -euo pipefail

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Issue 13's time budget: the best decoder and the classifier row validation chooses, trained side by side.
+# The gap study's time budget: the best decoder and the classifier row validation chooses, trained side by side.
 #   bash bench/best_runs.sh DATA_DIR [OUT]
 # The decoder is Kneser-Ney noising at gamma0 0.4 for 2,000 iterations with the novel-word mass (seed 42: its
 # selection run and refit); the classifier is token dropout over seeds 42-44 and their ensemble (docs/gap.md,
 # docs/classifier_gap.md). The two run side by side on the machine's two cores, the decoder with DECODER_THREADS
 # threads (default 2: it has the longer run, and the cores once the classifier is done), the classifier with one;
-# the wall time of the pair is what the issue's "together in 10 minutes" is checked against.
+# the wall time of the pair is what the target "together in 10 minutes" is checked against.
 set -euo pipefail
 cd "$(dirname "$0")/.."  # the repository root
 DATA="${1:?usage: bash bench/best_runs.sh DATA_DIR [OUT]}"

@@ -1,4 +1,4 @@
-"""The classifier's gap to naive Bayes (issue 13): the `best` preset alone, with MLM pretraining, with token
+"""The classifier's gap to naive Bayes (docs/classifier_gap.md): the `best` preset alone, with MLM pretraining, with token
 dropout, with both, each also with an exponential moving average of its weights (checkpoint averaging along the
 run), and seed ensembles; docs/classifier_gap.md's table comes from this script.
 

@@ -5,7 +5,7 @@
 The yardstick is ../shared/bench/plain_course.py (a ~100-line implementation of the same models, training and
 evaluation schedule: see its docstring). Each repeat runs `python main.py --part P --out TMP` (with its plots and
 heatmaps, as a learner runs it; `--main-args --no-plots` leaves them out) and then the yardstick, so a change in
-the machine's load hits both alike. Wall time is what the issue's ratios are; CPU time (user + system of the
+the machine's load hits both alike. Wall time is what the target ratios are; CPU time (user + system of the
 child) is printed beside it because it moves much less on a shared machine.
 
 main.py sets glibc's malloc to keep freed blocks (runtime/memory.py); the yardstick does not. So that the

@@ -1,4 +1,4 @@
-"""Averaging (issue 13): an exponential moving average of the weights along one run, and an ensemble that
+"""Averaging (the gap study, docs/gap.md): an exponential moving average of the weights along one run, and an ensemble that
 averages the next-word probabilities of decoders trained with different seeds.
 
 `WeightAverage` wraps a decoder or a classifier: in training mode it is the model, and before each training step

@@ -1,4 +1,4 @@
-"""Probability for the words a decoder never saw in training, two ways (issue 13).
+"""Probability for the words a decoder never saw in training, two ways (the gap study, docs/gap.md).
 
 About 1,200 of the course vocabulary's words occur in train_CLS.tsv but never in train_LM.txt, and with `<unk>`
 they are 7-9% of every test file's targets; a decoder trained on train_LM.txt learns to give them almost nothing.

@@ -78,7 +78,8 @@ def no_sync(trainer: torch.nn.Module, sync: bool):
 
 def micro_batches(tensor: torch.Tensor, parallel: Parallel, grad_accum: int) -> tuple[torch.Tensor, ...]:
     """This process's `grad_accum` micro-batches of a global batch (rows split as evenly as they go; some may be empty)."""
-    if parallel.world_size * grad_accum == 1:  # the whole batch, whatever it is (seq2seq.py's batches are (source, target) pairs)
+    # the whole batch, whatever it is (span corruption's batches are (source, target) pairs)
+    if parallel.world_size * grad_accum == 1:
         return (tensor,)
     chunks = tensor.tensor_split(parallel.world_size * grad_accum)
     return chunks[parallel.rank * grad_accum:(parallel.rank + 1) * grad_accum]

@@ -71,6 +71,7 @@ def improve_gap(run, target_nlls: list[dict]) -> dict:
 
 
 def _value(entry: dict, key: str) -> str:
+    """A table cell: a spread over seeds, a single figure, or empty for a split with no segments."""
     value = entry[key]
     return cell(value) if isinstance(value, dict) else "" if value is None else f"{value:.2f}"
 
@@ -82,7 +83,7 @@ def improve_tables(results: dict) -> dict[str, str]:
         rows.append([name, *(_value(entry, key) for key in CLASSIFIER_COLUMNS)])
         if "ensemble" in entry:
             rows.append([f"{name} (ensemble of {results['seeds']})",
-                         *(f"{entry['ensemble'][key]:.2f}" for key in CLASSIFIER_COLUMNS)])
+                         *(_value(entry["ensemble"], key) for key in CLASSIFIER_COLUMNS)])
     classifier = utilities.markdown_table(["classifier", "test acc %", "seen %", "unseen %", "in neither file %"], rows)
     rows = [[name, *(_value(entry["perplexity"], test) for test in ("obama", "wbush", "hbush"))]
             for name, entry in results["lm"].items()]

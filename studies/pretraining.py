@@ -1,4 +1,4 @@
-"""BERT-style masked-language-model pretraining of the classifier's encoder (issue 13, the classifier's gap).
+"""BERT-style masked-language-model pretraining of the classifier's encoder (its gap to naive Bayes: docs/classifier_gap.md).
 
 Why a module of its own: the classifier learns from 2,085 labelled segments only, while the rules also allow the
 unlabelled training text (train_LM.txt and the text of train_CLS.tsv, about twice as much); pretraining the encoder

@@ -1,7 +1,7 @@
 """The T5-style encoder-decoder on the speeches: span corruption (Raffel et al., 2020), training through
 training.fit, the target perplexity on the test speeches, and greedy and beam decoding through generation.py.
 
-A study module (beside experiments.py and heads.py): the model lives in encoder_decoder.py.
+A study module (`--t5`): the model lives in models/encoder_decoder.py.
 """
 
 import math

@@ -157,7 +157,7 @@ def test_baselines_on_the_course_data(course_data):
     predicted = NaiveBayes.fit(train, speeches.train_cls.labels, alpha=0.1).predict(test)
     assert baselines.accuracy(predicted, speeches.test_cls.labels) > 85
     kneser_ney = baselines.lm_baseline(speeches, tokenizer)["kneser_ney"]
-    # an independent implementation (the improvement issue's) scores the targets that have a full two-word
+    # an independent implementation (the course handout's) scores the targets that have a full two-word
     # context, from the third token of each file on: 244 / 381 / 267 after rounding
     third = kneser_ney["perplexity_from_third_token"]
     assert {name: round(value) for name, value in third.items()} == {"obama": 244, "wbush": 381, "hbush": 267}

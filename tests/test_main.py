@@ -265,7 +265,7 @@ def test_improve_puts_baselines_base_and_best_side_by_side(small_data, tmp_path,
     best = improve["classifier"]["best"]
     assert len(best["test_accuracy"]["values"]) == 2
     for accuracy in (best["ensemble"]["test_accuracy"], *best["test_accuracy"]["values"]):  # a count of the 120 segments
-        assert 120 * accuracy / 100 == pytest.approx(round(120 * accuracy / 100), abs=1e-6)
+        assert 120 * accuracy / 100 == pytest.approx(round(120 * accuracy / 100), abs=1e-4)  # a float32 mean
     # validation chooses when to stop (one of the evaluations); the final models are then retrained on everything
     assert all(iteration in (10, 20) for iteration in improve["lm"]["best"]["chosen"])
     assert all(epochs in (1, 2) for epochs in best["chosen"])

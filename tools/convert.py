@@ -8,7 +8,7 @@ from tools.cli import Parser
 
 
 def command(argv) -> int:
-    """python main.py convert --from-hf DIR --to CHECKPOINT, or --to-hf DIR --from CHECKPOINT (hf_bridge.py)."""
+    """python main.py convert --from-hf DIR --to CHECKPOINT, or --to-hf DIR --from CHECKPOINT (tools/hf_bridge.py)."""
     parser = Parser(prog="main.py convert", description="Convert a Hugging Face GPT-2 or Llama folder to our checkpoint "
                     "(--from-hf DIR --to CHECKPOINT) or our decoder checkpoint to one (--from CHECKPOINT --to-hf DIR).")
     parser.add_argument("--from-hf", type=Path, metavar="DIR", help="a folder with config.json and model.safetensors")
