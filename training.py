@@ -349,11 +349,13 @@ def compiled(trainer, device, parallel: Parallel):
 
 
 def fit(model, batches, steps: int, eval_every: int, evaluate, training: TrainingConfig, device,
-        count_correct: bool = True, stop_after: int | None = None, harness: Harness | None = None) -> list[dict]:
+        count_correct: bool = True, stop_after: int | None = None, harness: Harness | None = None,
+        patience: int | None = None) -> list[dict]:
     """Train for `steps` batches (or the first `stop_after` of them, under the schedule planned for `steps`);
     every `eval_every` steps and at the last, call evaluate(step, steps_since_last_eval),
     where each step is (loss, number of correct argmax predictions or 0 without count_correct, number of targets).
-    If evaluate's rows carry "validation_score" (lower is better), the best model is restored at the end.
+    If evaluate's rows carry "validation_score" (lower is better), the best model is restored at the end; with
+    `patience`, training also ends once that many evaluations in a row have not bettered the best (early stopping).
     The harness adds checkpoints (and resuming), progress and logs, and data parallel processes."""
     harness = harness or Harness()
     parallel = harness.parallel
@@ -391,6 +393,8 @@ def fit(model, batches, steps: int, eval_every: int, evaluate, training: Trainin
             logger.step(step, loss, learning_rate)
             if step % eval_every == 0 or step == last:
                 record_evaluation(state, model, evaluate, logger, parallel)
+                if patience is not None and evaluations_since_best(state.history) >= patience:
+                    break
             if checkpointer is not None and (stopping or checkpointer.due(step) or (harness.save_last and step == last)):
                 progress = {"history": state.history, "running": state.running, "best": state.best}
                 checkpointer.save(step, components, progress)
@@ -401,6 +405,12 @@ def fit(model, batches, steps: int, eval_every: int, evaluate, training: Trainin
     if state.best is not None:  # early stopping: the weights of the best validation evaluation
         model.load_state_dict(state.best[1])
     return state.history
+
+
+def evaluations_since_best(history: list[dict]) -> int:
+    """How many evaluations have come after the best one (0: the last is the best)."""
+    scores = [row["validation_score"] for row in history]
+    return len(scores) - 1 - scores.index(min(scores))
 
 
 def best_evaluation(history: list[dict]) -> dict:
@@ -600,11 +610,12 @@ def encode_stream(run: Run, text: str) -> torch.Tensor:
 
 def train_language_model(run: Run, config: TransformerConfig, training: TrainingConfig, seed: int, log=print,
                          harness: Harness | None = None, build_model=None, wrap_batches=None,
-                         train_eval_tokens: int | None = None) -> TrainResult:
+                         train_eval_tokens: int | None = None, patience: int | None = None) -> TrainResult:
     """Train the decoder on train_LM.txt: its rows (perplexity every eval_interval), and the returned model's figures.
     The studies' hooks: wrap_batches(batches, train_stream, config, seed) changes the training batches
     (dataset.input_noise's); train_eval_tokens scores the train perplexity on that many first tokens only (None: all,
-    as the course does; the scaling study's 1.6M-token slices would otherwise spend most of their time there).
+    as the course does; the scaling study's 1.6M-token slices would otherwise spend most of their time there);
+    patience stops a run with a validation split early (fit's).
     build_model(config, train_stream), if given, makes another decoder (models/novel_words.py's needs the training stream)."""
     torch.manual_seed(seed)
     train_text, validation_text = split_lines(run.data.train_lm, training.validation_fraction)
@@ -642,14 +653,14 @@ def train_language_model(run: Run, config: TransformerConfig, training: Training
     log("iteration | train ppl |    obama |    wbush |    hbush" + (" |  val ppl" if validation_stream is not None else ""))
     started = time.perf_counter()
     evals = fit(model, batches, training.max_iters, training.eval_interval, evaluate, training, run.device,
-                count_correct=False, stop_after=training.stop_after, harness=harness)
+                count_correct=False, stop_after=training.stop_after, harness=harness, patience=patience)
     seconds = time.perf_counter() - started
     if validation_stream is not None and training.refit:
         # the refit keeps the evaluation interval: its own curve, and no effect on its weights (evaluation draws nothing)
         selection = TrainResult(model, count_parameters(model), "iteration", evals, {}, seconds)
         return refit_after(selection, training, lambda refit: train_language_model(
             run, config, refit, seed, log, harness.for_refit(f"{harness.name}_refit"), build_model, wrap_batches,
-            train_eval_tokens), TRAIN_LM, log)
+            train_eval_tokens), TRAIN_LM, log)  # the refit has no validation split to be patient with
     if validation_stream is not None:  # the restored best model: its figures are those of its evaluation
         best = best_evaluation(evals)
         final = final_figures(best, f"the best validation evaluation (iteration {best['iteration']}), restored")

@@ -34,6 +34,9 @@ class TransformerConfig:
     norm_placement: str = "pre"  # pre | post
     position: str = "learned"  # learned | sinusoidal | rope | alibi | none | disentangled
     attention_pattern: str = "full"  # full | local | block
+    # manual (the course's: scores, mask, softmax written out) | sdpa (torch's fused scaled_dot_product_attention, the
+    # same function within float rounding; a call that asks for the weights, the checks and heatmaps, takes manual)
+    attention: str = "manual"
     rope_base: float = 10000.0  # the base of RoPE's frequencies (Llama 3 uses 500000)
     window: int = 8  # tokens in a local window, or in one block of the blockwise pattern
     relative_clip: int = 8  # k of the disentangled (DeBERTa) relative positions
@@ -64,11 +67,10 @@ class TransformerConfig:
             raise ValueError("tie_embeddings needs the token table n_embd wide (embedding_dim None or n_embd)")
         if self.norm_eps <= 0 or self.rope_base <= 1:
             raise ValueError(f"norm_eps must be positive and rope_base above 1, got {self.norm_eps}, {self.rope_base}")
-        for name in ("dropout",):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         tables = {"feedforward": FEEDFORWARDS, "norm": NORMS, "norm_placement": BLOCKS,
-                  "position": POSITIONS, "attention_pattern": PATTERNS, "pooling": POOLINGS}
+                  "position": POSITIONS, "attention_pattern": PATTERNS, "attention": ATTENTIONS, "pooling": POOLINGS}
         for name, table in tables.items():
             if getattr(self, name) not in table:
                 raise ValueError(f"{name} must be one of {', '.join(table)}, got {getattr(self, name)!r}")
@@ -380,16 +382,38 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)  # (B, Hkv, Tk, hs)
         k, v = repeat_kv(k, self.n_head // self.n_kv_heads), repeat_kv(v, self.n_head // self.n_kv_heads)  # (B, H, Tk, hs)
+        y, attention = self.attend(q, k, v, mask, positions.score_bias(q, k, start), return_attention)  # (B, H, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.proj(y), attention
+
+    def attend(self, q, k, v, mask, bias, return_attention: bool):
+        """softmax(q k^T / sqrt(hs) + bias, where the mask allows) v, and the weights when asked for."""
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_size)  # (B, H, T, Tk)
-        bias = positions.score_bias(q, k, start)
         if bias is not None:
             scores = scores + bias
         # a finite fill keeps a row with no allowed key (a padding query in a local window) from NaN
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         attention = scores.softmax(dim=-1)  # (B, H, T, Tk)
-        y = self.attn_dropout(attention) @ v  # (B, H, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.proj(y), (attention if return_attention else None)
+        return self.attn_dropout(attention) @ v, (attention if return_attention else None)
+
+
+class FusedAttention(Attention):
+    """The same attention through F.scaled_dot_product_attention (one fused kernel where the device has one, as
+    nanoGPT does): for training and cached decoding, where no one reads the weights; a call that asks for them
+    takes the manual path."""
+
+    def attend(self, q, k, v, mask, bias, return_attention: bool):
+        if return_attention:
+            return super().attend(q, k, v, mask, bias, return_attention)
+        # an additive float mask with the manual path's finite fill: a row with no allowed key stays finite
+        additive = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, torch.finfo(q.dtype).min)
+        if bias is not None:
+            additive = additive + bias
+        p = self.attn_dropout.p if self.training and isinstance(self.attn_dropout, nn.Dropout) else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=additive, dropout_p=p), None
+
+
+ATTENTIONS = {"manual": Attention, "sdpa": FusedAttention}
 
 
 # ---------------------------------------------------------------- feedforward
@@ -441,7 +465,7 @@ class Block(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.norm1 = NORMS[config.norm](config.n_embd, config.norm_eps)
-        self.attention = Attention(config)
+        self.attention = ATTENTIONS[config.attention](config)
         self.norm2 = NORMS[config.norm](config.n_embd, config.norm_eps)
         self.feedforward = FEEDFORWARDS[config.feedforward](config.n_embd, config.ff_hidden)
         self.dropout = dropout(config.dropout)

@@ -286,6 +286,79 @@ class KneserNeyTrigram:
         return math.exp(-sum(map(math.log, probabilities)) / len(probabilities))
 
 
+def modified_discounts(counts: Counter) -> tuple[float, float, float]:
+    """Chen & Goodman's three discounts (D1, D2, D3+) from the count-of-counts n1..n4 of one order's counts:
+    Y = n1 / (n1 + 2 n2), D_j = j - (j + 1) Y n_{j+1} / n_j, each clipped to [0, j]; where a tiny corpus has no
+    n-gram counted j times, D_j falls back to 0.75 (at most j), and Y to 0.5 without n1 and n2."""
+    n = Counter(count for count in counts.values() if count <= 4)
+    y = n[1] / (n[1] + 2 * n[2]) if n[1] + n[2] else 0.5
+    return tuple(min(max(j - (j + 1) * y * n[j + 1] / n[j], 0.0), float(j)) if n[j] else min(0.75, float(j))
+                 for j in (1, 2, 3))
+
+
+class ModifiedKneserNey:
+    """Interpolated modified Kneser–Ney of any order over token ids (Chen & Goodman 1998, as KenLM estimates it).
+
+    Order k's counts a(h w) are the raw counts at the highest order and continuation counts N1+(• h w) below it;
+    P_k(w | h) = (a(h w) - D_k(a(h w))) / a(h •) + γ(h) P_{k-1}(w | h minus its first id), with
+    γ(h) = (D_k1 N1(h •) + D_k2 N2(h •) + D_k3+ N3+(h •)) / a(h •) and the three discounts of each order from its
+    count-of-counts (modified_discounts). Under the unigrams is the uniform distribution over all V ids, so every
+    vocabulary word has P > 0; a context never seen hands all its mass to the order below. The scored targets are
+    KneserNeyTrigram's: every token after the first, its context cut at the file start.
+    """
+
+    def __init__(self, stream: Sequence[int], vocab_size: int, order: int = 5):
+        if order < 1:
+            raise ValueError(f"the order must be at least 1, got {order}")
+        ids = [int(i) for i in stream]
+        self.vocab_size, self.order = vocab_size, order
+        # counts[k]: (h, w) -> a(h w) for the k-grams (h has k - 1 ids); raw at the top, continuation counts below
+        self.counts = {order: Counter(tuple(ids[i:i + order]) for i in range(len(ids) - order + 1))}
+        for k in range(order - 1, 0, -1):
+            self.counts[k] = Counter(gram[1:] for gram in self.counts[k + 1])
+        self.discounts = {k: modified_discounts(counts) for k, counts in self.counts.items()}
+        self.contexts = {k: self.context_statistics(k) for k in self.counts}
+
+    def context_statistics(self, k: int) -> dict:
+        """Per context h of order k: (a(h •), the mass γ(h) a(h •) its discounts free)."""
+        d1, d2, d3 = self.discounts[k]
+        statistics = defaultdict(lambda: [0, 0.0])
+        for gram, count in self.counts[k].items():
+            entry = statistics[gram[:-1]]
+            entry[0] += count
+            entry[1] += d1 if count == 1 else d2 if count == 2 else d3
+        return dict(statistics)
+
+    def discount(self, k: int, count: int) -> float:
+        """D_k(count): 0 for an unseen n-gram."""
+        d1, d2, d3 = self.discounts[k]
+        return 0.0 if count == 0 else d1 if count == 1 else d2 if count == 2 else d3
+
+    def probability(self, word: int, context: Sequence[int] = ()) -> float:
+        """P(word | the last order - 1 ids of context), with fewer levels when the context is shorter."""
+        context = tuple(int(i) for i in context)[-(self.order - 1):] if self.order > 1 else ()
+        probability = 1.0 / self.vocab_size
+        for k in range(1, len(context) + 2):
+            history = context[len(context) - k + 1:]
+            total, freed = self.contexts[k].get(history, (0, 0.0))
+            if total:  # an unseen context keeps the order below as it is
+                count = self.counts[k].get((*history, word), 0)
+                probability = (count - self.discount(k, count) + freed * probability) / total
+        return probability
+
+    def target_probabilities(self, stream: Sequence[int], first_target: int = 1) -> list[float]:
+        """P(token t | the order - 1 before it) for every t from `first_target` on (KneserNeyTrigram's targets)."""
+        ids = [int(i) for i in stream]
+        if len(ids) <= first_target:
+            raise ValueError(f"perplexity needs more than {first_target} tokens")
+        return [self.probability(ids[t], ids[max(0, t - self.order + 1):t]) for t in range(first_target, len(ids))]
+
+    def perplexity(self, stream: Sequence[int], first_target: int = 1) -> float:
+        """exp(mean -log P) over the tokens from `first_target` on."""
+        probabilities = self.target_probabilities(stream, first_target)
+        return math.exp(-sum(map(math.log, probabilities)) / len(probabilities))
+
+
 # ---------------------------------------------------------------- novel-word mass: the same move for any model
 
 

@@ -161,3 +161,69 @@ def test_baselines_on_the_course_data(course_data):
     # context, from the third token of each file on: 244 / 381 / 267 after rounding
     third = kneser_ney["perplexity_from_third_token"]
     assert {name: round(value) for name, value in third.items()} == {"obama": 244, "wbush": 381, "hbush": 267}
+
+
+# ---------------------------------------------------------------- modified Kneser–Ney
+
+
+TOY_STREAM = [2, 3, 4, 2, 3, 5, 2, 3, 4, 6, 4, 2, 3, 4, 5, 5, 2, 6, 3, 4, 2, 3, 4, 2, 5, 3, 4, 6, 2, 3]
+
+
+def brute_force_modified_kneser_ney(ids: list[int], vocab_size: int, order: int, word: int, context: tuple) -> float:
+    """The same estimate, each count found by scanning the stream (no shared tables): raw counts at the top order,
+    the number of distinct ids seen before an n-gram below it."""
+    def grams(k):
+        return [tuple(ids[i:i + k]) for i in range(len(ids) - k + 1)]
+
+    def count(k, gram):
+        if k == order:
+            return grams(k).count(gram)
+        return len({g[0] for g in set(grams(k + 1)) if g[1:] == gram})
+
+    def discounts(k):
+        values = [c for gram in set(grams(k)) if (c := count(k, gram))]
+        n = [sum(v == j for v in values) for j in range(5)]
+        y = n[1] / (n[1] + 2 * n[2]) if n[1] + n[2] else 0.5
+        # an order without any n-gram counted j times falls back to 0.75 (at most j), as the model documents
+        return [min(max(j - (j + 1) * y * n[j + 1] / n[j], 0.0), j) if n[j] else min(0.75, j) for j in (1, 2, 3)]
+
+    probability = 1 / vocab_size
+    context = tuple(context)[-(order - 1):] if order > 1 else ()
+    for k in range(1, len(context) + 2):
+        history = context[len(context) - k + 1:]
+        followers = {g[-1] for g in set(grams(k)) if g[:-1] == history}
+        if not followers:
+            continue
+        d = discounts(k)
+        # a lower-order n-gram seen only at the stream's start has no id before it: no continuation count
+        counts = {w: c for w in followers if (c := count(k, (*history, w)))}
+        total = sum(counts.values())
+        freed = sum(d[min(c, 3) - 1] for c in counts.values())
+        own = counts.get(word, 0)
+        probability = (own - (d[min(own, 3) - 1] if own else 0.0) + freed * probability) / total
+    return probability
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_modified_kneser_ney_against_a_brute_force_count(order):
+    model = baselines.ModifiedKneserNey(TOY_STREAM, vocab_size=8, order=order)
+    contexts = [(), (2,), (2, 3), (3, 4), (4, 2, 3), (7, 7, 7), (6, 3, 4)]  # seen, partly seen, never seen
+    for context in contexts:
+        probabilities = [model.probability(word, context) for word in range(8)]
+        assert sum(probabilities) == pytest.approx(1.0, abs=1e-12)  # a distribution over the whole vocabulary
+        assert min(probabilities) > 0
+        for word in range(8):
+            assert probabilities[word] == pytest.approx(
+                brute_force_modified_kneser_ney(TOY_STREAM, 8, order, word, context), rel=1e-12)
+
+
+def test_modified_discounts_follow_the_count_of_counts_formula():
+    counts = Counter({f"g{i}": c for i, c in enumerate([1] * 10 + [2] * 4 + [3] * 3 + [4] * 2 + [7])})
+    y = 10 / (10 + 2 * 4)
+    assert baselines.modified_discounts(counts) == pytest.approx((1 - 2 * y * 4 / 10, 2 - 3 * y * 3 / 4, 3 - 4 * y * 2 / 3))
+
+
+def test_modified_kneser_ney_scores_the_trigrams_targets():
+    model, trigram = baselines.ModifiedKneserNey(TOY_STREAM, 8, order=3), KneserNeyTrigram(TOY_STREAM, 8)
+    assert len(model.target_probabilities(TOY_STREAM[:12])) == len(trigram.target_probabilities(TOY_STREAM[:12])) == 11
+    assert model.target_probabilities(TOY_STREAM[:3])[1] == model.probability(TOY_STREAM[2], TOY_STREAM[:2])
