@@ -11,7 +11,7 @@ from pathlib import Path
 
 import training
 import utilities
-from dataset import DataError, audit, format_audit, read_labelled_segments, read_text
+from dataset import TEST_LM, DataError, audit, format_audit, read_labelled_segments, read_text
 from runtime import corpus
 from runtime import parallel as data_parallel
 from runtime.memory import keep_freed_memory
@@ -203,7 +203,7 @@ def print_part_three_table(result: dict):
     """Each row's figures come from one model, the one returned (its "model" says which)."""
     rows = [[name, report["num_parameters"], report["final"]["train_perplexity"], *report["final"]["perplexity"].values(),
              report["final"]["model"]] for name, report in result["lm"].items()]
-    print("\n" + utilities.markdown_table(["decoder", "parameters", "train ppl", "obama", "wbush", "hbush", "model"], rows))
+    print("\n" + utilities.markdown_table(["decoder", "parameters", "train ppl", *TEST_LM, "model"], rows))
     rows = [[name, report["num_parameters"], report["test_accuracy"], report["test_accuracy_unseen"]]
             for name, report in result["classifier"].items()]
     print("\n" + utilities.markdown_table(["classifier", "parameters", "test acc %", "unseen acc %"], rows))

@@ -650,7 +650,8 @@ def train_language_model(run: Run, config: TransformerConfig, training: Training
             + (f" | {row['validation_perplexity']:>8.2f}" if validation_stream is not None else ""))
         return row
 
-    log("iteration | train ppl |    obama |    wbush |    hbush" + (" |  val ppl" if validation_stream is not None else ""))
+    log("iteration | train ppl | " + " | ".join(f"{name:>8}" for name in test_streams)
+        + (" |  val ppl" if validation_stream is not None else ""))
     started = time.perf_counter()
     evals = fit(model, batches, training.max_iters, training.eval_interval, evaluate, training, run.device,
                 count_correct=False, stop_after=training.stop_after, harness=harness, patience=patience)

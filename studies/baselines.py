@@ -288,12 +288,16 @@ class KneserNeyTrigram:
 
 def modified_discounts(counts: Counter) -> tuple[float, float, float]:
     """Chen & Goodman's three discounts (D1, D2, D3+) from the count-of-counts n1..n4 of one order's counts:
-    Y = n1 / (n1 + 2 n2), D_j = j - (j + 1) Y n_{j+1} / n_j, each clipped to [0, j]; where a tiny corpus has no
-    n-gram counted j times, D_j falls back to 0.75 (at most j), and Y to 0.5 without n1 and n2."""
+    Y = n1 / (n1 + 2 n2), D_j = j - (j + 1) Y n_{j+1} / n_j. Where the formula leaves (0, j], or a small corpus has
+    no n-gram counted j times, D_j is Y (Ney's single discount; 0.5 without n1 and n2): a discount of 0 would free no
+    mass for the orders below, and a word unseen after a seen context would get probability 0."""
     n = Counter(count for count in counts.values() if count <= 4)
     y = n[1] / (n[1] + 2 * n[2]) if n[1] + n[2] else 0.5
-    return tuple(min(max(j - (j + 1) * y * n[j + 1] / n[j], 0.0), float(j)) if n[j] else min(0.75, float(j))
-                 for j in (1, 2, 3))
+    found = []
+    for j in (1, 2, 3):
+        discount = j - (j + 1) * y * n[j + 1] / n[j] if n[j] else 0.0
+        found.append(discount if 0 < discount <= j else y)
+    return tuple(found)
 
 
 class ModifiedKneserNey:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import utilities
+from dataset import TEST_LM
 from studies.study import Context, Option, Study
 from studies.workers import Job, cell, run_jobs, spread
 from training import Run
@@ -76,12 +77,12 @@ def exploration_tables(results: dict) -> dict[str, str]:
     tables["classifier"] = utilities.markdown_table(
         ["variant", "parameters", "train s", "test acc %", "unseen acc %", "scores computed"], rows)
     rows = [[name, r["num_parameters"], f"{r['train_seconds']['mean']:.1f}", cell(r["train_perplexity"]),
-             *(cell(r["perplexity"][n]) for n in ("obama", "wbush", "hbush")),
+             *(cell(r["perplexity"][n]) for n in TEST_LM),
              f"{densities[name]['lm']:.0%}" if name in densities else ""]
             for name, r in results["lm"].items()]
     tables["lm"] = utilities.markdown_table(
-        ["variant", "parameters", "train s", "train ppl", "obama", "wbush", "hbush", "scores computed"], rows)
-    rows = [[name] + [" / ".join(f"{r['extrapolation'][length][n]['mean']:.1f}" for n in ("obama", "wbush", "hbush"))
+        ["variant", "parameters", "train s", "train ppl", *TEST_LM, "scores computed"], rows)
+    rows = [[name] + [" / ".join(f"{r['extrapolation'][length][n]['mean']:.1f}" for n in TEST_LM)
                       if "extrapolation" in r else "n/a (positions stop at 32)" for length in EXTRAPOLATION_LENGTHS]
             for name, r in results["lm"].items() if name == "base" or "extrapolation" in r]
     tables["extrapolation"] = utilities.markdown_table(

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import training
 import utilities
-from dataset import TRAIN_LM, input_noise, split_lines
+from dataset import TEST_LM, TRAIN_LM, input_noise, split_lines
 from models import averaging
 from models import novel_words as novel
 from studies import baselines
@@ -31,7 +31,7 @@ from tokenizer import UNK_ID
 
 BUCKETS = ("<unk>", "never in train_LM.txt", "1-2", "3-9", "10+")
 LOWER_BOUNDS = (1, 3, 10)  # counts at which the "1-2", "3-9" and "10+" buckets start
-TESTS = ("obama", "wbush", "hbush")
+TESTS = tuple(TEST_LM)
 
 
 def bucket_of_ids(counts: torch.Tensor) -> torch.Tensor:

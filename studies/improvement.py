@@ -10,6 +10,7 @@ import torch
 
 import training
 import utilities
+from dataset import TEST_LM
 from studies import baselines, gap
 from studies.study import Context, Study
 from studies.workers import Job, cell, run_jobs, spread
@@ -85,9 +86,9 @@ def improve_tables(results: dict) -> dict[str, str]:
             rows.append([f"{name} (ensemble of {results['seeds']})",
                          *(_value(entry["ensemble"], key) for key in CLASSIFIER_COLUMNS)])
     classifier = utilities.markdown_table(["classifier", "test acc %", "seen %", "unseen %", "in neither file %"], rows)
-    rows = [[name, *(_value(entry["perplexity"], test) for test in ("obama", "wbush", "hbush"))]
+    rows = [[name, *(_value(entry["perplexity"], test) for test in TEST_LM)]
             for name, entry in results["lm"].items()]
-    lm = utilities.markdown_table(["language model", "obama", "wbush", "hbush"], rows)
+    lm = utilities.markdown_table(["language model", *TEST_LM], rows)
     tables = {"classifier": classifier, "lm": lm}
     for comparison, per_test in results.get("gap", {}).items():
         decoder, count = comparison.split(" vs ")

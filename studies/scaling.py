@@ -27,7 +27,7 @@ import torch
 
 import training
 import utilities
-from dataset import LabelledSegments, split_lines, stratified_split
+from dataset import TEST_LM, LabelledSegments, split_lines, stratified_split
 from runtime import corpus
 from studies import baselines
 from studies.study import Context, Option, Study
@@ -268,11 +268,12 @@ def finished_points(settings: training.RunSettings, jobs: list[SliceJob], worker
     for index in range(len(todo)):
         try:
             job, report = next(done)
-        except BrokenProcessPool:
+        except (BrokenProcessPool, ArithmeticError, ValueError) as error:
             job = todo[index]
-            raise ValueError(f"scaling: the worker training {job.task} {job.model} {job.member or ''} at {job.size or 'all'} "
-                             f"died (out of memory, or killed); the {index + len(kept)} finished points are kept in "
-                             f"{folder}, and a rerun skips them") from None
+            why = "its worker died (out of memory, or killed)" if isinstance(error, BrokenProcessPool) else str(error)
+            point = " ".join(str(part) for part in (job.task, job.model, job.member, job.size or "all") if part)
+            raise ValueError(f"scaling: {point}: {why}; the {index + len(kept)} finished points are kept in {folder}, "
+                             "and a rerun skips them") from None
         utilities.write_json(job_file(folder, job), report)
         yield job, report
 
@@ -386,7 +387,7 @@ def tables(results: dict) -> dict[str, str]:
             chosen = f"{row['member']}, {row['iterations']:,} of {row['planned_iterations']:,} it." if "member" in row else ""
             rows.append([model, f"{row['train_tokens']:,}", *(f"{row['perplexity'][n]:.1f}" for n in row["perplexity"]),
                          f"{row['pooled_perplexity']:.1f}", chosen, f"{row['seconds']:.0f}"])
-    lm = utilities.markdown_table(["language model", "training tokens", "obama", "wbush", "hbush", "pooled",
+    lm = utilities.markdown_table(["language model", "training tokens", *TEST_LM, "pooled",
                                    "validation chose", "seconds"], rows)
     rows = [[model, f"{row['train_segments']:,}", f"{row['test_accuracy']:.2f}"]
             for model, points in results["classifier"].items() for row in points]

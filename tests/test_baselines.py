@@ -184,8 +184,9 @@ def brute_force_modified_kneser_ney(ids: list[int], vocab_size: int, order: int,
         values = [c for gram in set(grams(k)) if (c := count(k, gram))]
         n = [sum(v == j for v in values) for j in range(5)]
         y = n[1] / (n[1] + 2 * n[2]) if n[1] + n[2] else 0.5
-        # an order without any n-gram counted j times falls back to 0.75 (at most j), as the model documents
-        return [min(max(j - (j + 1) * y * n[j + 1] / n[j], 0.0), j) if n[j] else min(0.75, j) for j in (1, 2, 3)]
+        # a discount outside (0, j], or of an order without any n-gram counted j times, falls back to Y, as documented
+        formula = [j - (j + 1) * y * n[j + 1] / n[j] if n[j] else 0.0 for j in (1, 2, 3)]
+        return [d if 0 < d <= j else y for d, j in zip(formula, (1, 2, 3))]
 
     probability = 1 / vocab_size
     context = tuple(context)[-(order - 1):] if order > 1 else ()
@@ -221,6 +222,20 @@ def test_modified_discounts_follow_the_count_of_counts_formula():
     counts = Counter({f"g{i}": c for i, c in enumerate([1] * 10 + [2] * 4 + [3] * 3 + [4] * 2 + [7])})
     y = 10 / (10 + 2 * 4)
     assert baselines.modified_discounts(counts) == pytest.approx((1 - 2 * y * 4 / 10, 2 - 3 * y * 3 / 4, 3 - 4 * y * 2 / 3))
+    # many thrice-seen n-grams push D2 below 0: it falls back to Y, so that every context frees some mass
+    skewed = Counter({f"g{i}": c for i, c in enumerate([1] * 5 + [2] * 2 + [3] * 20 + [4])})
+    y = 5 / (5 + 2 * 2)
+    assert 2 - 3 * y * 20 / 2 < 0 and baselines.modified_discounts(skewed)[1] == pytest.approx(y)
+
+
+def test_every_target_of_a_small_corpus_has_a_probability(small_data):
+    """Every order's discounts are positive, so no test word after a seen context gets probability 0."""
+    tokenizer = WordTokenizer.from_texts([(small_data / "train_LM.txt").read_text(encoding="utf-8")])
+    model = baselines.ModifiedKneserNey(tokenizer.encode((small_data / "train_LM.txt").read_text(encoding="utf-8")),
+                                        tokenizer.vocab_size, order=5)
+    assert all(d > 0 for discounts in model.discounts.values() for d in discounts)
+    test = tokenizer.encode((small_data / "test_LM_obama.txt").read_text(encoding="utf-8"))
+    assert min(model.target_probabilities(test)) > 0 and math.isfinite(model.perplexity(test))
 
 
 def test_modified_kneser_ney_scores_the_trigrams_targets():
