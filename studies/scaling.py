@@ -121,9 +121,10 @@ def pooled_perplexity(perplexities: dict[str, float], targets: dict[str, int]) -
 
 
 def fit_power_law(sizes: list[float], losses: list[float]) -> dict:
-    """L(D) = a D^-alpha + c fitted to (D, L) points by least squares in L: for each c on a grid below the smallest
-    loss, log(L - c) is linear in log D (a and alpha in closed form); the best c's fit is then polished by Newton
-    steps on all three. Returns a, alpha, c, the residuals (L minus the fit) and their root mean square."""
+    """L(D) = a D^-alpha + c fitted to (D, L) points by least squares in L, with c >= 0 (a loss has no negative
+    floor): for each c on a grid below the smallest loss, log(L - c) is linear in log D (a and alpha in closed form);
+    the best c's fit is then polished by Gauss-Newton steps on all three, c held at 0 or above. Returns a, alpha, c,
+    the residuals (L minus the fit) and their root mean square."""
     x = torch.tensor([math.log(size) for size in sizes], dtype=torch.float64)
     y = torch.tensor(losses, dtype=torch.float64)
     if len(x) < 3:
@@ -144,12 +145,16 @@ def fit_power_law(sizes: list[float], losses: list[float]) -> dict:
     for _ in range(50):  # Gauss-Newton, with step halving so that the squared error never grows
         jacobian = torch.autograd.functional.jacobian(residuals, parameters)  # (points, 3)
         step = torch.linalg.lstsq(jacobian, -residuals(parameters).unsqueeze(1)).solution.squeeze(1)
+        def projected(scale, start=parameters, step=step):  # a step from `start`, with c kept at 0 or above
+            moved = start + scale * step
+            return torch.stack([moved[0], moved[1], moved[2].clamp_min(0.0)])
+
         before, scale = float((residuals(parameters) ** 2).sum()), 1.0
-        while scale > 1e-6 and float((residuals(parameters + scale * step) ** 2).sum()) > before:
+        while scale > 1e-6 and float((residuals(projected(scale)) ** 2).sum()) > before:
             scale /= 2
         if scale <= 1e-6:
             break
-        parameters = parameters + scale * step
+        parameters = projected(scale)
     left = residuals(parameters)
     log_a, alpha, c = (float(value) for value in parameters)
     return {"a": math.exp(log_a), "alpha": alpha, "c": c, "residuals": left.tolist(),

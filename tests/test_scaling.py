@@ -27,6 +27,13 @@ def test_the_residuals_are_the_points_minus_the_fit():
     assert fit["rms_residual"] <= math.sqrt(sum(e * e for e in noise) / 5) + 1e-9  # no worse than the true law
 
 
+def test_the_floor_is_never_negative():
+    """Points that a line in log-log fits best (no floor at all) give c = 0, not a negative loss floor."""
+    sizes = [30_000, 60_000, 120_000, 240_000]
+    fit = fit_power_law(sizes, [9.6 * size ** -0.09 for size in sizes])
+    assert fit["c"] == 0.0 and fit["alpha"] == pytest.approx(0.09, rel=1e-4) and fit["a"] == pytest.approx(9.6, rel=1e-4)
+
+
 def test_three_points_at_least():
     with pytest.raises(ValueError, match="at least 3 points"):
         fit_power_law([1e4, 2e4], [6.0, 5.5])
