@@ -433,7 +433,7 @@ def plot(results: dict, out: Path):
     axes.set_yscale("log")
     axes.set_xlabel("training tokens")
     axes.set_ylabel("test perplexity (three held-out addresses, pooled)")
-    axes.set_title("Data scaling: language models (dashed: power-law fits, predictions past the points)")
+    axes.set_title("Data scaling: language models (dashed: power-law fits)")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
