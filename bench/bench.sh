@@ -27,8 +27,8 @@ def spread(values):
     return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}  ({', '.join(f'{v:.2f}' for v in values)})"
 one = [json.loads((r / "part_one.json").read_text()) for r in runs]
 for key in ("test_accuracy", "test_accuracy_seen", "test_accuracy_unseen"):
-    print(f"part one {key:22s} {spread([o[key] for o in one])}")
-two = [json.loads((r / "part_two.json").read_text())["evals"][-1] for r in runs]
+    print(f"part one {key:22s} {spread([o['final'][key] for o in one])}")
+two = [json.loads((r / "part_two.json").read_text())["final"] for r in runs]  # the returned model's figures
 print(f"part two {'train perplexity':22s} {spread([t['train_perplexity'] for t in two])}")
 for name in ("obama", "wbush", "hbush"):
     print(f"part two {name + ' perplexity':22s} {spread([t['perplexity'][name] for t in two])}")

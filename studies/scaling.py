@@ -239,19 +239,26 @@ def scaling_settings(settings: training.RunSettings) -> training.RunSettings:
 def jobs_for(seed: int, full: bool, lm_steps: int, cls_steps: int) -> list[SliceJob]:
     """Every (task, model, size) of the study; the biggest first, so that two workers finish together."""
     lm_sizes, cls_sizes = (LM_TOKENS_FULL, CLS_SEGMENTS_FULL) if full else (LM_TOKENS, CLS_SEGMENTS)
-    jobs = [SliceJob("lm", model, size, seed, lm_steps) for size in lm_sizes for model in ("base", *COUNT_MODELS)]
+    # a count model's job has no steps (0), so a changed --scaling-lm-steps keeps its points
+    jobs = [SliceJob("lm", model, size, seed, lm_steps if model == "base" else 0) for size in lm_sizes
+            for model in ("base", *COUNT_MODELS)]
     jobs += [SliceJob("lm", "grown", size, seed, 0, member) for size in lm_sizes for member in candidates_for(size)]
-    jobs += [SliceJob("classifier", model, size, seed, cls_steps) for size in cls_sizes
+    jobs += [SliceJob("classifier", model, size, seed, cls_steps if model in ENCODERS else 0) for size in cls_sizes
              for model in (*ENCODERS, "count_classifiers")]
     # the longest first (the grown decoders, the largest slices), so that two workers finish together
     return sorted(jobs, key=lambda job: (job.model != "grown", job.model in (*COUNT_MODELS, "count_classifiers"),
                                          -(job.size or 10**9)))
 
 
-def job_file(folder: Path, job: SliceJob) -> Path:
-    """Where a finished point is kept: its name says the job, its digest what decides its figures."""
+def job_file(folder: Path, job: SliceJob, settings: training.RunSettings) -> Path:
+    """Where a finished point is kept: its name says the job, its digest what decides its figures (the job, the
+    study's constants, the presets, and the command's model and training flags, which the decoders and encoders
+    read); the code itself is not in it, so a changed study wants a fresh --out."""
     decides = json.dumps([asdict(job), GROWN_FAMILY, GROWN_TRAINING, GROWN_LEARNING_RATES, GROWN_PRECISION,
-                          PASSES_SMALLEST, PASSES_FEWEST, MIN_STEPS, EVALUATIONS_GROWN, PATIENCE, EVALUATIONS], sort_keys=True)
+                          PASSES_SMALLEST, PASSES_FEWEST, MIN_STEPS, EVALUATIONS_GROWN, PATIENCE, EVALUATIONS,
+                          VALIDATION, SHUFFLE_SEED, {name: asdict(preset) for name, preset in training.PRESETS.items()},
+                          settings.model_flags, settings.training_flags, settings.precision, settings.compile],
+                         sort_keys=True, default=str)
     name = f"{job.task}_{job.model}{'_' + job.member if job.member else ''}_{job.size or 'all'}"
     return folder / f"{name}_{hashlib.sha256(decides.encode()).hexdigest()[:12]}.json"
 
@@ -261,7 +268,7 @@ def finished_points(settings: training.RunSettings, jobs: list[SliceJob], worker
     finish, each written there at once; a worker that dies stops the study with one line naming its point."""
     kept, todo = [], []
     for job in jobs:
-        path = job_file(folder, job)
+        path = job_file(folder, job, settings)
         try:
             kept.append((job, json.loads(path.read_text(encoding="utf-8"))))
         except (OSError, ValueError):  # not there, or cut short: trained again
@@ -273,13 +280,13 @@ def finished_points(settings: training.RunSettings, jobs: list[SliceJob], worker
     for index in range(len(todo)):
         try:
             job, report = next(done)
-        except (BrokenProcessPool, ArithmeticError, ValueError) as error:
+        except (BrokenProcessPool, ArithmeticError, ValueError, RuntimeError) as error:
             job = todo[index]
             why = "its worker died (out of memory, or killed)" if isinstance(error, BrokenProcessPool) else str(error)
             point = " ".join(str(part) for part in (job.task, job.model, job.member, job.size or "all") if part)
             raise ValueError(f"scaling: {point}: {why}; the {index + len(kept)} finished points are kept in {folder}, "
                              "and a rerun skips them") from None
-        utilities.write_json(job_file(folder, job), report)
+        utilities.write_json(job_file(folder, job, settings), report)
         yield job, report
 
 
