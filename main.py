@@ -341,7 +341,7 @@ def main(argv=None) -> int:
     run = None
     try:
         check_options(parser, args)
-        run = training.make_run(**vars(run_settings(args)))
+        run = training.build_run(run_settings(args))
         run.extra_tests = read_extra_tests(run, args.part, args.extra_test)
         if data_parallel.launched_by_torchrun():
             parallel, device = data_parallel.start(run.device)

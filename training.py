@@ -197,9 +197,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_run(*, log=print, **settings) -> Run:
-    """Read the data and build the vocabulary once for a whole command (keywords: RunSettings' fields); `log` says
-    which data."""
-    settings = RunSettings(**settings).validate()
+    """build_run of RunSettings(**settings): the library's keyword entry point."""
+    return build_run(RunSettings(**settings), log)
+
+
+def build_run(settings: RunSettings, log=print) -> Run:
+    """Read the data and build the vocabulary once for a whole command; `log` says which data."""
+    settings = settings.validate()
     device = resolve_device(settings.device)
     check_precision(settings.precision, device)
     data = load_speeches(corpus.locate(settings.data_dir, settings.corpus, settings.cache_dir, log))

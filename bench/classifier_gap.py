@@ -173,7 +173,7 @@ def main_bench(argv=None) -> int:
     try:
         jobs = jobs_of(args)
         settings = training.RunSettings(data_dir=args.data_dir, out=args.out)
-        run = training.make_run(**vars(settings))
+        run = training.build_run(settings)
     except ValueError as error:  # DataError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         return 2

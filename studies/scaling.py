@@ -189,7 +189,7 @@ def _train_slice(job: SliceJob) -> tuple[SliceJob, dict]:
             result = training.train_language_model(sliced, config, settings, job.seed, log=quiet, train_eval_tokens=20_000)
             report = {"perplexity": result.final["perplexity"], "best_iteration": result.chosen,
                       "num_parameters": result.num_parameters}
-        report["train_tokens"] = len(run.words.split(split_lines(text, VALIDATION)[0]))
+        report["train_tokens"] = train_words(sliced)
         report["targets"] = {name: len(run.words.split(t)) - 1 for name, t in run.data.test_lm.items()}
         report["pooled_perplexity"] = pooled_perplexity(report["perplexity"], report["targets"])
     else:
@@ -212,11 +212,16 @@ def _train_slice(job: SliceJob) -> tuple[SliceJob, dict]:
     return job, report
 
 
+def train_words(run: training.Run) -> int:
+    """Word tokens of the slice's training 90%: what every model of the slice learns from."""
+    return len(run.words.split(split_lines(run.data.train_lm, VALIDATION)[0]))
+
+
 def train_grown(run: training.Run, job: SliceJob, log) -> dict:
     """One family member on one slice, to its token budget or until validation stops improving."""
     changes = GROWN_FAMILY[job.member]
     config = training.model_config(run, "lm", preset="best", **changes, attention="sdpa")
-    train_tokens = len(run.words.split(split_lines(run.data.train_lm, VALIDATION)[0]))
+    train_tokens = train_words(run)
     steps = budget_steps(train_tokens, config.block_size, GROWN_TRAINING["batch_size"])
     settings = replace(training.training_config(run, "lm", preset="best"), **GROWN_TRAINING, max_iters=steps,
                        learning_rate=GROWN_LEARNING_RATES[config.n_embd], eval_interval=max(1, steps // EVALUATIONS_GROWN),

@@ -9,7 +9,7 @@ import os
 import statistics
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -25,7 +25,7 @@ def _init_worker(settings: training.RunSettings):
     """Each worker reads the data once and trains on one thread, so two workers fill two cores."""
     torch.set_num_threads(1)
     keep_freed_memory()  # a spawned worker does not inherit main.py's malloc setting
-    _WORKER["run"] = training.make_run(log=lambda *a: None, **asdict(settings))  # the parent process has said which data
+    _WORKER["run"] = training.build_run(settings, log=lambda *a: None)  # the parent process has said which data
 
 
 @dataclass
