@@ -31,7 +31,8 @@ def test_the_floor_is_never_negative():
     """Points that a line in log-log fits best (no floor at all) give c = 0, not a negative loss floor."""
     sizes = [30_000, 60_000, 120_000, 240_000]
     fit = fit_power_law(sizes, [9.6 * size ** -0.09 for size in sizes])
-    assert fit["c"] == 0.0 and fit["alpha"] == pytest.approx(0.09, rel=1e-4) and fit["a"] == pytest.approx(9.6, rel=1e-4)
+    # 0 to float rounding (one CPU gives exactly 0, another 5.6e-15), and never below it
+    assert 0.0 <= fit["c"] < 1e-9 and fit["alpha"] == pytest.approx(0.09, rel=1e-4) and fit["a"] == pytest.approx(9.6, rel=1e-4)
 
 
 def test_three_points_at_least():
