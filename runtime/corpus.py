@@ -12,6 +12,7 @@ building a corpus (choosing test addresses, cleaning, sentence splitting, sampli
 dataset.py reads the six files whatever built them.
 """
 
+import bisect
 import csv
 import hashlib
 import json
@@ -242,3 +243,92 @@ def locate(data_dir: Path | None, name: str = "auto", cache_dir: Path = DEFAULT_
         f"so this run uses the public-domain stand-in (the three presidents' State of the Union addresses, split by "
         f"address), {where}; pass --data-dir DIR to use the course's files")
     return folder
+
+
+# ---------------------------------------------------------------- pretraining text: sotu-all without the test text
+
+AUDIT_MIN_WORDS = 8  # shorter segments ("Thank you very much.") recur in any long text and say nothing of a leak
+WORD = re.compile(r"[a-z0-9]+")
+
+
+def normalised(text: str) -> str:
+    """Lower-case words and digits, one space apart: the form in which two copies of a text compare equal."""
+    return " ".join(WORD.findall(text.lower()))
+
+
+class NormalisedText:
+    """Paragraphs in normalised form, joined into one string, with where each begins (to name a hit's paragraph)."""
+
+    def __init__(self, paragraphs: list[str]):
+        self.starts, parts, position = [], [], 0
+        for paragraph in paragraphs:
+            self.starts.append(position)
+            parts.append(normalised(paragraph))
+            position += len(parts[-1]) + 1
+        self.text = "\n".join(parts)
+
+    def paragraphs_holding(self, text: str) -> list[int]:
+        """Indices of the paragraphs whose normalised form contains normalised `text` (within one paragraph)."""
+        needle, found, start = normalised(text), [], 0
+        if not needle:
+            return found
+        while (hit := self.text.find(needle, start)) >= 0:
+            found.append(bisect.bisect_right(self.starts, hit) - 1)
+            start = hit + 1
+        return found
+
+
+@dataclass
+class PretrainingText:
+    """The sotu paragraphs a model may pretrain on for one dataset, and why the others were left out."""
+
+    paragraphs: list[str]
+    addresses: int  # addresses kept
+    held_out_addresses: list[str]  # fileids left out whole: the dataset's test addresses and their same-year twins
+    dropped_paragraphs: int  # paragraphs of kept addresses that hold a test segment or test line
+    audit: dict
+
+
+def long_segments(texts) -> list[str]:
+    """The distinct texts of at least AUDIT_MIN_WORDS words."""
+    return [text for text in dict.fromkeys(texts) if len(WORD.findall(text.lower())) >= AUDIT_MIN_WORDS]
+
+
+def pretraining_text(speeches, addresses: list[Address] | None = None) -> PretrainingText:
+    """Every sotu address's paragraphs except the dataset's test text: a built corpus's test addresses (and the same
+    president's other addresses of that year) are left out whole; then any paragraph whose normalised text holds a
+    test segment or test_LM line of AUDIT_MIN_WORDS words or more is dropped. The audit counts what was found."""
+    addresses = read_addresses() if addresses is None else addresses
+    test_ids = set(speeches.manifest.get("test_addresses", ()))
+    test_years = {(a.president_id, a.date[:4]) for a in addresses if a.fileid in test_ids}
+    kept = [a for a in addresses if (a.president_id, a.date[:4]) not in test_years]
+    paragraphs = [p for a in kept for p in a.paragraphs]
+    owner = [a.fileid for a in kept for _ in a.paragraphs]
+    index = NormalisedText(paragraphs)
+    tests = {"test_CLS segments": long_segments(speeches.test_cls.texts),
+             "test_LM lines": long_segments(line for text in speeches.test_lm.values() for line in text.splitlines())}
+    hits = {name: {text: index.paragraphs_holding(text) for text in texts} for name, texts in tests.items()}
+    dropped = {i for found in hits.values() for paragraphs_hit in found.values() for i in paragraphs_hit}
+    train_hits = sum(bool(index.paragraphs_holding(text)) for text in long_segments(speeches.train_cls.texts))
+    audit = {"addresses": len(addresses), "held_out_addresses": sorted(a.fileid for a in addresses if a not in kept),
+             "min_words": AUDIT_MIN_WORDS,
+             **{name: {"checked": len(found), "found": sum(bool(v) for v in found.values()),
+                       "in_addresses": sorted({owner[i] for v in found.values() for i in v})}
+                for name, found in hits.items()},
+             "train_CLS segments": {"checked": len(long_segments(speeches.train_cls.texts)), "found": train_hits},
+             "dropped_paragraphs": len(dropped)}
+    return PretrainingText([p for i, p in enumerate(paragraphs) if i not in dropped], len(kept),
+                           audit["held_out_addresses"], len(dropped), audit)
+
+
+def format_pretraining_audit(audit: dict) -> str:
+    """The pretraining text's audit as a few readable lines."""
+    lines = [f"pretraining text (sotu, {audit['addresses']} addresses): {len(audit['held_out_addresses'])} held out whole "
+             "as this dataset's test addresses or their same-year twins"]
+    for name in ("test_CLS segments", "test_LM lines", "train_CLS segments"):
+        entry = audit[name]
+        where = f" (in {', '.join(entry['in_addresses'])})" if entry.get("in_addresses") else ""
+        lines.append(f"  {name} of {audit['min_words']}+ words found in the kept addresses (normalised exact text): "
+                     f"{entry['found']} of {entry['checked']}{where}")
+    lines.append(f"  paragraphs dropped from pretraining because they hold a test text: {audit['dropped_paragraphs']}")
+    return "\n".join(lines)

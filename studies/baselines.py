@@ -448,3 +448,44 @@ def novel_mass_row(speeches: Speeches, tokenizer: WordTokenizer, streams: dict[s
                                           tokenizer.encode(speeches.train_lm), tokenizer.vocab_size)
     return {**tuning, "perplexity": {name: model.perplexity(ids) for name, ids in streams.items()},
             "seconds": time.perf_counter() - started}
+
+
+# ---------------------------------------------------------------- two count models mixed: the course text and more text
+
+
+INTERPOLATION_WEIGHTS = tuple(i / 20 for i in range(1, 20))  # the in-domain model's weight: 0.05 to 0.95
+
+
+class InterpolatedModel:
+    """P(w | h) = weight · P_first(w | h) + (1 - weight) · P_second(w | h): a mixture of two count models over the same
+    ids, each with its own context length (both distributions sum to 1, so the mixture does)."""
+
+    def __init__(self, first, second, weight: float):
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"an interpolation weight must be in [0, 1], got {weight}")
+        self.first, self.second, self.weight = first, second, weight
+
+    def probability(self, word: int, context: Sequence[int] = ()) -> float:
+        """The mixture's P(word | context); each model reads as much of the context as its order allows."""
+        return self.weight * self.first.probability(word, context) + (1 - self.weight) * self.second.probability(word, context)
+
+    def target_probabilities(self, stream: Sequence[int], first_target: int = 1) -> list[float]:
+        """Each model's target probabilities (its own context length), mixed."""
+        return [self.weight * p + (1 - self.weight) * q for p, q in zip(self.first.target_probabilities(stream, first_target),
+                                                                        self.second.target_probabilities(stream, first_target))]
+
+    def perplexity(self, stream: Sequence[int], first_target: int = 1) -> float:
+        """exp(mean -log P) over the tokens from `first_target` on."""
+        return math.exp(mean_nll(self.target_probabilities(stream, first_target)))
+
+
+def interpolate_on_validation(make_model, train_ids: Sequence[int], validation_ids: Sequence[int],
+                              all_train_ids: Sequence[int], other, grid: Sequence[float] = INTERPOLATION_WEIGHTS):
+    """The in-domain model's weight chosen on validation (make_model fitted on `train_ids`, mixed with `other`), then
+    the mixture of make_model fitted on all the training text with `other`; and every weight's validation perplexity."""
+    own, theirs = make_model(train_ids).target_probabilities(validation_ids), other.target_probabilities(validation_ids)
+    perplexities = {w: math.exp(mean_nll([w * p + (1 - w) * q for p, q in zip(own, theirs)])) for w in grid}
+    weight = min(grid, key=perplexities.get)
+    return InterpolatedModel(make_model(all_train_ids), other, weight), {"weight": weight,
+                                                                       "validation_perplexity": perplexities[weight],
+                                                                       "validation_perplexities": perplexities}
