@@ -123,6 +123,16 @@ PRESETS = {
             {"batch_size": 32, "learning_rate": 1e-3, "weight_decay": 0.1, "max_iters": 800, "eval_interval": 100,
              "warmup_steps": 100, "cosine_decay": True, "validation_fraction": 0.1, "refit": True}),
     ),
+    # fine-tuning a pretrained model (--init-from, studies/transfer.py): the sizes come from the checkpoint; a lower
+    # rate and a short schedule, since a few passes over the course's files already move it far; validation chooses
+    "finetune": Preset(
+        classifier=({"init_std": 0.02, "dropout": 0.1, "label_smoothing": 0.1, "attention": "sdpa"},
+                    {"batch_size": 32, "learning_rate": 3e-4, "weight_decay": 0.01, "epochs": 6, "warmup_steps": 30,
+                     "cosine_decay": True, "validation_fraction": 0.1, "refit": True}),
+        lm=({"init_std": 0.02, "dropout": 0.2, "block_size": 128, "attention": "sdpa"},
+            {"batch_size": 32, "learning_rate": 3e-4, "weight_decay": 0.1, "max_iters": 60, "eval_interval": 6,
+             "warmup_steps": 10, "cosine_decay": True, "validation_fraction": 0.1, "refit": True}),
+    ),
 }
 
 

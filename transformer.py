@@ -41,6 +41,7 @@ class TransformerConfig:
     window: int = 8  # tokens in a local window, or in one block of the blockwise pattern
     relative_clip: int = 8  # k of the disentangled (DeBERTa) relative positions
     pooling: str = "mean"  # mean | cls (classifier only)
+    causal: bool = False  # classifier only: a causal trunk, so a pretrained decoder's weights fit it (GPT-1's fine-tuning)
     classifier_hidden: int = 100
     n_classes: int = 3
     tie_embeddings: bool = False  # decoder only
@@ -608,7 +609,7 @@ class TransformerClassifier(nn.Module):
         super().__init__()
         self.config = config.validate()
         self.pooling = POOLINGS[config.pooling](config)
-        self.encoder = Trunk(config, causal=False, max_len=config.block_size + self.pooling.extra_tokens)
+        self.encoder = Trunk(config, causal=config.causal, max_len=config.block_size + self.pooling.extra_tokens)
         self.head = nn.Sequential(
             nn.Linear(config.n_embd, config.classifier_hidden), nn.ReLU(), nn.Linear(config.classifier_hidden, config.n_classes)
         )
