@@ -64,6 +64,19 @@ def save_figure(figure, path: Path) -> Path:
         pyplot().close(figure)
 
 
+def save_log_log(figure, axes, xlabel: str, ylabel: str, title: str, path: Path, legend_size: int = 8) -> Path:
+    """Finish a plot on log-log axes (labels, a light grid, the legend) and save it as save_figure does."""
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=legend_size)
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
 # ---------------------------------------------------------------- attention sanity checks
 
 

