@@ -42,6 +42,7 @@ class MaskingConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.01  # BERT's
     eval_every: int = 500
+    precision: str = "fp32"  # the training forward pass's autocast (training.PRECISIONS)
 
     def validate(self) -> "MaskingConfig":
         if not (0 < self.rate < 1 and min(self.to_mask, self.to_random) >= 0 and self.to_mask + self.to_random <= 1):
@@ -55,7 +56,7 @@ class MaskingConfig:
         """The same optimiser and schedule as the fine-tuning's, with the pretraining's numbers."""
         return training.TrainingConfig(batch_size=self.batch_size, learning_rate=self.learning_rate,
                                        weight_decay=self.weight_decay, warmup_steps=self.warmup_steps,
-                                       cosine_decay=True, max_iters=self.steps).validate()
+                                       cosine_decay=True, max_iters=self.steps, precision=self.precision).validate()
 
 
 def mask_tokens(ids: torch.Tensor, mask_id: int, masking: MaskingConfig, generator: torch.Generator,
@@ -153,15 +154,18 @@ def masked_loss(model: MaskedLM, rows: torch.Tensor, mask_id: int, masking: Mask
     return model(inputs.to(device), targets.to(device)).loss.item()
 
 
-def pretrain(run, config: TransformerConfig, masking: MaskingConfig, seed: int, held_out: list[str], log=print):
-    """Pretrain an encoder as a masked language model on the unlabelled training text without `held_out`;
-    return the MaskedLM (config one id larger than the vocabulary, see with_mask_row) and its report."""
+def pretrain(run, config: TransformerConfig, masking: MaskingConfig, seed: int, held_out: list[str], log=print,
+             texts: list[str] | None = None):
+    """Pretrain an encoder as a masked language model on `texts` (default: the unlabelled training text) without
+    `held_out`; return the MaskedLM (config one id larger than the vocabulary, see with_mask_row) and its report."""
     masking = masking.validate()
     config = with_mask_row(config, run.tokenizer)
     mask_id = config.vocab_size - 1
     torch.manual_seed(seed)
     model = MaskedLM(config).to(run.device)
-    rows = pretraining_rows(run.tokenizer, unlabelled_texts(run.data, set(held_out)), config.block_size)
+    if texts is None:
+        texts = unlabelled_texts(run.data, set(held_out))
+    rows = pretraining_rows(run.tokenizer, texts, config.block_size)
     validation = encode_segments(run.tokenizer, held_out, config.block_size) if held_out else None
     batches = MaskedBatches(rows, mask_id, masking, torch.Generator().manual_seed(seed))
 

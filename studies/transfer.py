@@ -6,12 +6,13 @@ over: pretrain on plenty of unlabelled text, then fine-tune on the little labell
 2M words of addresses. runtime/corpus.pretraining_text keeps them all but the dataset's test text (a built corpus's
 test addresses whole, and any paragraph that holds a test segment or test line); its audit says what it found.
 
-- Pretraining: a decoder by next-token prediction (GPT) on that text, in the run's own word vocabulary (so every
-  course perplexity stays comparable with parts two and three; sotu words outside it are `<unk>`), cached in
-  CACHE_DIR/pretrained/ under a digest of everything that decides it.
+- Pretraining, in the run's own word vocabulary (so every course perplexity stays comparable with parts two and
+  three; sotu words outside it are `<unk>`): a decoder by next-token prediction (GPT), and an encoder as a masked
+  language model (BERT, studies/pretraining.py), each cached in CACHE_DIR/pretrained/ under a digest of everything
+  that decides it.
 - Fine-tuning (training.PRESETS["finetune"], choices on validation, `--seeds` seeds and their ensemble): the decoder
-  on train_LM.txt; a classifier on train_CLS.tsv that starts from the decoder's trunk, GPT-1 style (Radford et al.,
-  2018): the same causal trunk, mean-pooled, and a new head.
+  on train_LM.txt; on train_CLS.tsv, a classifier that starts from the decoder's trunk, GPT-1 style (Radford et al.,
+  2018: the same causal trunk, mean-pooled, and a new head), and one that starts from the encoder.
 - Like with like: Kneser-Ney (the course's trigram, and the modified 5-gram) fitted on train_LM.txt, mixed with the
   same model fitted on the pretraining text, the weight chosen on the same validation lines; naive Bayes and TF-IDF
   logistic regression on the same labelled segments (they cannot use unlabelled text).
@@ -32,11 +33,12 @@ import utilities
 from dataset import TEST_LM, split_lines
 from models.pretrained import Pretrained
 from runtime import corpus
-from studies import baselines, gap
+from studies import baselines, gap, pretraining
 from studies.scaling import GROWN_FAMILY, pooled_perplexity
 from studies.study import Context, Option, Study
 from studies.workers import cell, map_jobs, spread, worker_run
 from tokenizer import UNK_ID
+from transformer import TransformerClassifier
 
 # the decoder: the scaling study's choice from 128k words up (width 128, 4 layers, context 128), less dropout for
 # 2M words; AdamW with warm-up and cosine decay, bf16 autocast, torch's fused attention
@@ -45,17 +47,23 @@ PRETRAIN_TRAINING = {"batch_size": 32, "learning_rate": 2e-3, "weight_decay": 0.
                      "cosine_decay": True, "validation_fraction": 0.01, "refit": False, "precision": "bf16"}
 PRETRAIN_EVALUATIONS = 10  # evaluations along the pretraining: its validation curve and the course figures unseen
 FINETUNE_PRECISION = "bf16"
+# the encoder: the same sizes, bidirectional, on the course's 32-token segments; BERT's masking (studies/pretraining.py)
+MLM_MODEL = {key: PRETRAIN_MODEL[key] for key in ("n_embd", "n_head", "n_layer", "ff_hidden", "dropout")} | {
+    "feedforward": "gelu", "attention": "sdpa"}
+MLM_TRAINING = {"batch_size": 64, "learning_rate": 1e-3, "warmup_steps": 100, "weight_decay": 0.01, "precision": "bf16"}
 CACHE_FOLDER = "pretrained"  # inside --cache-dir
 STAMP = "pretraining.json"  # written last into a cached checkpoint: its key and the digests of its files
 
 
 @dataclass(frozen=True)
 class TransferJob:
-    """One piece of the study on a worker: task lm | classifier (a fine-tuning from `checkpoint`), or count_lm."""
+    """One piece of the study on a worker: task lm | classifier (a fine-tuning from `checkpoint`, the pretrained
+    decoder or encoder that `start` names), or count_lm."""
 
     task: str
     seed: int = 0
     checkpoint: str | None = None
+    start: str = "decoder"
 
 
 # ---------------------------------------------------------------- pretraining, cached
@@ -91,28 +99,61 @@ def intact(folder: Path, key: str) -> bool:
         return False
 
 
-def pretrained_decoder(run: training.Run, text: str, steps: int, seed: int, log=print) -> Path:
-    """The folder of a decoder pretrained on `text`: reused from the cache when intact, else trained and written
-    (the checkpoint atomically, then its stamp); a half-written or edited one is trained again."""
-    config, settings = pretraining_settings(run, steps)
-    key = pretraining_key(run, text, config, settings, seed)
-    folder = Path(run.settings.cache_dir) / CACHE_FOLDER / f"decoder_{key}"
+def cached(run: training.Run, name: str, key: str, pretrain, log=print) -> Path:
+    """The folder CACHE_DIR/pretrained/NAME_KEY: reused when intact, else pretrain() -> (model, config dict, report)
+    is called and its checkpoint written (atomically, then its stamp); a half-written or edited one is trained again."""
+    folder = Path(run.settings.cache_dir) / CACHE_FOLDER / f"{name}_{key}"
     if intact(folder, key):
-        log(f"transfer: pretrained decoder reused from {folder}")
+        log(f"transfer: pretrained {name} reused from {folder}")
         return folder
     if folder.exists():
         log(f"transfer: {folder} is incomplete or was edited: pretraining again")
-    log(f"transfer: pretraining a decoder ({steps:,} steps of {settings.batch_size} x {config.block_size} tokens)")
-    pretraining_run = replace(run, data=replace(run.data, train_lm=text))
-    result = training.train_language_model(pretraining_run, config, settings, seed, log=log, train_eval_tokens=20_000)
-    ids = run.tokenizer.encode(text)
-    report = {**result.report(), "tokens": len(ids), "tokens_seen_per_step": settings.batch_size * config.block_size,
-              "unk_share": ids.count(UNK_ID) / len(ids)}
-    utilities.save_checkpoint(folder, result.model, {**config.to_dict(), "model": "lm"}, run.tokenizer.to_json(),
-                              {"pretraining": report})
+    model, config_dict, report = pretrain()
+    utilities.save_checkpoint(folder, model, config_dict, run.tokenizer.to_json(), {"pretraining": report})
     utilities.write_json(folder / STAMP, {"key": key, "files": {name: file_digest(folder / name)
                                                                 for name in utilities.CHECKPOINT_FILES}})
     return folder
+
+
+def pretrained_decoder(run: training.Run, text: str, steps: int, seed: int, log=print) -> Path:
+    """The folder of a decoder pretrained on `text` by next-token prediction (cached)."""
+    config, settings = pretraining_settings(run, steps)
+
+    def pretrain():
+        log(f"transfer: pretraining a decoder ({steps:,} steps of {settings.batch_size} x {config.block_size} tokens)")
+        pretraining_run = replace(run, data=replace(run.data, train_lm=text))
+        result = training.train_language_model(pretraining_run, config, settings, seed, log=log, train_eval_tokens=20_000)
+        ids = run.tokenizer.encode(text)
+        report = {**result.report(), "tokens": len(ids), "tokens_seen_per_step": settings.batch_size * config.block_size,
+                  "unk_share": ids.count(UNK_ID) / len(ids)}
+        return result.model, {**config.to_dict(), "model": "lm"}, report
+
+    return cached(run, "decoder", pretraining_key(run, text, config, settings, seed), pretrain, log)
+
+
+def encoder_settings(run: training.Run, steps: int) -> tuple:
+    """The MLM-pretrained encoder's config (one row larger at pretraining, for [MASK]) and masking."""
+    config = training.model_config(run, "classifier", preset="finetune", **MLM_MODEL)
+    masking = pretraining.MaskingConfig(steps=steps, eval_every=max(1, steps // PRETRAIN_EVALUATIONS), **MLM_TRAINING)
+    return config, masking.validate()
+
+
+def pretrained_encoder(run: training.Run, paragraphs: list[str], steps: int, seed: int, log=print) -> Path:
+    """The folder of an encoder pretrained on `paragraphs` as a masked language model (BERT), saved as a classifier
+    whose head is untrained (cached); the classifier's validation segments are left out of the pretraining."""
+    config, masking = encoder_settings(run, steps)
+    held_out = pretraining.validation_segments(run, training.training_config(run, "classifier", preset="finetune"))
+
+    def pretrain():
+        log(f"transfer: pretraining an encoder as a masked LM ({steps:,} steps of {masking.batch_size} x "
+            f"{config.block_size} tokens)")
+        mlm, report = pretraining.pretrain(run, config, masking, seed, held_out, log, texts=paragraphs)
+        classifier = TransformerClassifier(mlm.config)
+        classifier.encoder.load_state_dict(mlm.encoder.state_dict())
+        return classifier, {**mlm.config.to_dict(), "model": "classifier"}, report
+
+    key = pretraining_key(run, "\n".join([*paragraphs, "", *held_out]), config, masking, seed)
+    return cached(run, "encoder", key, pretrain, log)
 
 
 # ---------------------------------------------------------------- the jobs: fine-tunings and count models
@@ -251,27 +292,31 @@ def course_reference(run: training.Run, context: Context) -> tuple[dict, dict]:
 
 
 def study(run: training.Run, context: Context, log=print) -> tuple[dict, list[str]]:
-    """Pretrain (or reuse) the decoder, fine-tune it `seeds` times on each task beside the count models; the tables'
-    rows, the pretraining's report and the audit."""
+    """Pretrain (or reuse) the decoder and the encoder, fine-tune them `seeds` times beside the count models; the
+    tables' rows, the pretrainings' reports and the audit."""
     started = time.perf_counter()
     ids, text = pretraining_ids(run)
     log(corpus.format_pretraining_audit(text.audit))
     log(f"transfer: {len(ids):,} pretraining tokens, {100 * ids.count(UNK_ID) / len(ids):.1f}% of them <unk> "
         f"(the run's {run.words.vocab_size:,}-word vocabulary)")
-    folder = pretrained_decoder(run, joined(text), context.options["transfer_pretrain_steps"], context.seed, log)
-    pretraining = Pretrained(folder).metrics["pretraining"]
+    checkpoints = {"decoder": pretrained_decoder(run, joined(text), context.options["transfer_pretrain_steps"],
+                                                 context.seed, log),
+                   "encoder": pretrained_encoder(run, text.paragraphs, context.options["transfer_mlm_steps"],
+                                                 context.seed, log)}
+    pretraining = Pretrained(checkpoints["decoder"]).metrics["pretraining"]
     seeds = [context.seed + offset for offset in range(context.seeds)]
-    jobs = [TransferJob("count_lm"), *(TransferJob(task, seed, str(folder)) for task in ("lm", "classifier") for seed in seeds)]
+    jobs = [TransferJob("count_lm"), *(TransferJob("lm", seed, str(checkpoints["decoder"])) for seed in seeds),
+            *(TransferJob("classifier", seed, str(checkpoints[start]), start) for start in checkpoints for seed in seeds)]
     log(f"transfer: {len(jobs) - 1} fine-tunings and the count models on {context.workers} workers")
     lm, classifier = {}, {}
-    finished = {"lm": [], "classifier": []}
+    finished = {("lm", "decoder"): [], ("classifier", "decoder"): [], ("classifier", "encoder"): []}
     for job, report in map_jobs(run.settings, jobs, context.workers, _run_job):
         if job.task == "count_lm":
             log(f"  count models: {report.pop('seconds'):.0f} s")
             lm.update(report)
         else:
-            finished[job.task].append(report)
-            log(f"  {job.task:10s} seed {job.seed}: " + (
+            finished[job.task, job.start].append(report)
+            log(f"  {job.task:10s} from the {job.start} seed {job.seed}: " + (
                 "ppl " + " / ".join(f"{v:.1f}" for v in report["perplexity"].values()) if job.task == "lm"
                 else f"test acc {report['test_accuracy']:.2f}%") + f" ({report['seconds']:.0f} s)")
     reference_lm, reference_classifier = course_reference(run, context)
@@ -279,21 +324,25 @@ def study(run: training.Run, context: Context, log=print) -> tuple[dict, list[st
         lm["course base decoder (no pretraining)"] = reference_lm
     lm["pretrained decoder, not fine-tuned"] = {"perplexity": pretraining["final"]["perplexity"],
                                                  "pretraining_tokens": pretraining["tokens"]}
-    lm["pretrained decoder, fine-tuned"] = summarise_lm(finished["lm"], pretraining["tokens"])
+    lm["pretrained decoder, fine-tuned"] = summarise_lm(finished["lm", "decoder"], pretraining["tokens"])
     classifier.update({name: {**{key: found[key] for key in CLASSIFIER_KEYS}, "labelled_examples": len(run.data.train_cls.texts),
                               "pretraining_tokens": 0, "seeds": 1}
                        for name, found in baselines.classifier_baselines(run.data, run.words).items()
                        if name in ("naive_bayes", "tfidf_logreg")})
     if reference_classifier:
         classifier["course base encoder (no pretraining)"] = reference_classifier
-    classifier["pretrained decoder, fine-tuned as a classifier"] = summarise_classifier(run, finished["classifier"],
-                                                                                        pretraining["tokens"])
+    classifier["pretrained decoder, fine-tuned as a classifier"] = summarise_classifier(
+        run, finished["classifier", "decoder"], pretraining["tokens"])
+    classifier["MLM-pretrained encoder, fine-tuned"] = summarise_classifier(
+        run, finished["classifier", "encoder"], pretraining["tokens"])
     targets = {name: len(stream) - 1 for name, stream in test_streams(run).items()}
     for row in lm.values():  # a spread's pooled figure is that of its files' means
         row["pooled_perplexity"] = pooled_perplexity({k: _mean(v) for k, v in row["perplexity"].items()}, targets)
         if "ensemble" in row:
             row["ensemble"]["pooled_perplexity"] = pooled_perplexity(row["ensemble"]["perplexity"], targets)
-    return {"lm": lm, "classifier": classifier, "pretraining": pretraining, "checkpoint": str(folder), "targets": targets,
+    return {"lm": lm, "classifier": classifier, "pretraining": pretraining,
+            "encoder_pretraining": Pretrained(checkpoints["encoder"]).metrics["pretraining"],
+            "checkpoints": {name: str(folder) for name, folder in checkpoints.items()}, "targets": targets,
             "audit": text.audit, "seeds": seeds, "seconds": time.perf_counter() - started}, []
 
 
@@ -357,4 +406,8 @@ STUDY = Study("transfer", "transfer", "transfer (pretrain on sotu, fine-tune on 
               "also pretrain a decoder on the sotu addresses and fine-tune it on the course files (studies/transfer.py)",
               study, tables, plot,
               options=(Option("transfer_pretrain_steps", int, 1500,
-                              "with --transfer: pretraining steps of 32 x 128 tokens (cached per setting)", minimum=1),))
+                              "with --transfer: the decoder's pretraining steps of 32 x 128 tokens (cached per setting)",
+                              minimum=1),
+                       Option("transfer_mlm_steps", int, 1500,
+                              "with --transfer: the encoder's masked-LM pretraining steps of 64 x 32 tokens (cached)",
+                              minimum=1)))

@@ -215,6 +215,9 @@ def tiny_study(monkeypatch, tiny_run, tmp_path):
     monkeypatch.setattr(transfer, "PRETRAIN_MODEL", {**TINY_DECODER, "block_size": 32})  # the classifier's 32 tokens
     monkeypatch.setattr(transfer, "PRETRAIN_TRAINING", {**transfer.PRETRAIN_TRAINING, "batch_size": 4, "warmup_steps": 2,
                                                         "validation_fraction": 0.2, "precision": "fp32"})
+    monkeypatch.setattr(transfer, "MLM_MODEL", {**TINY_DECODER, "block_size": 32, "attention": "sdpa"})
+    monkeypatch.setattr(transfer, "MLM_TRAINING", {**transfer.MLM_TRAINING, "batch_size": 8, "warmup_steps": 2,
+                                                   "precision": "fp32"})
     addresses = corpus.read_addresses()[-4:]
     monkeypatch.setattr(corpus, "read_addresses", lambda: addresses)
     return replace(tiny_run, settings=replace(tiny_run.settings, cache_dir=tmp_path / "cache", out=tmp_path / "out"))
@@ -239,13 +242,18 @@ def test_the_pretraining_cache_is_reused_and_rebuilt_when_edited(tiny_study):
 
 
 def test_a_tiny_transfer_study_end_to_end(tiny_study):
-    results, failures = transfer.study(tiny_study, Context(seed=0, seeds=2, workers=1, options={"transfer_pretrain_steps": 4}),
-                                       log=QUIET)
+    options = {"transfer_pretrain_steps": 4, "transfer_mlm_steps": 3}
+    results, failures = transfer.study(tiny_study, Context(seed=0, seeds=2, workers=1, options=options), log=QUIET)
     assert failures == []
     assert {"kneser_ney (train_LM.txt)", "kneser_ney (train_LM.txt, mixed with sotu)", "kneser_ney_5 (train_LM.txt)",
             "kneser_ney_5 (train_LM.txt, mixed with sotu)", "pretrained decoder, not fine-tuned",
             "pretrained decoder, fine-tuned"} == set(results["lm"])
-    assert {"naive_bayes", "tfidf_logreg", "pretrained decoder, fine-tuned as a classifier"} == set(results["classifier"])
+    assert {"naive_bayes", "tfidf_logreg", "pretrained decoder, fine-tuned as a classifier",
+            "MLM-pretrained encoder, fine-tuned"} == set(results["classifier"])
+    encoder = Pretrained(results["checkpoints"]["encoder"])  # bidirectional, one row more for [MASK]
+    assert encoder.kind == "classifier" and not encoder.config.causal
+    assert encoder.config.vocab_size == tiny_study.tokenizer.vocab_size + 1
+    assert results["encoder_pretraining"]["history"][-1]["step"] == 3
     fine_tuned = results["lm"]["pretrained decoder, fine-tuned"]
     assert len(fine_tuned["perplexity"]["obama"]["values"]) == 2 and fine_tuned["pretraining_tokens"] > 0
     classifier = results["classifier"]["pretrained decoder, fine-tuned as a classifier"]
