@@ -112,6 +112,7 @@ def cached(run: training.Run, name: str, key: str, pretrain, log=print) -> Path:
     utilities.save_checkpoint(folder, model, config_dict, run.tokenizer.to_json(), {"pretraining": report})
     utilities.write_json(folder / STAMP, {"key": key, "files": {name: file_digest(folder / name)
                                                                 for name in utilities.CHECKPOINT_FILES}})
+    log(f"transfer: pretrained {name} written to {folder}")
     return folder
 
 
