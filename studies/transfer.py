@@ -40,7 +40,7 @@ from studies.workers import cell, map_jobs, spread, worker_run
 from tokenizer import UNK_ID
 from transformer import TransformerClassifier
 
-# the decoder: the scaling study's choice from 128k words up (width 128, 4 layers, context 128), less dropout for
+# the decoder: the scaling study's choice on its 128k and 256k slices (width 128, 4 layers, context 128), less dropout for
 # 2M words; AdamW with warm-up and cosine decay, bf16 autocast, torch's fused attention
 PRETRAIN_MODEL = {**GROWN_FAMILY["w128-l4-c128"], "dropout": 0.1}
 PRETRAIN_TRAINING = {"batch_size": 32, "learning_rate": 2e-3, "weight_decay": 0.1, "warmup_steps": 100,
