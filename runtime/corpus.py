@@ -309,13 +309,14 @@ def pretraining_text(speeches, addresses: list[Address] | None = None) -> Pretra
              "test_LM lines": long_segments(line for text in speeches.test_lm.values() for line in text.splitlines())}
     hits = {name: {text: index.paragraphs_holding(text) for text in texts} for name, texts in tests.items()}
     dropped = {i for found in hits.values() for paragraphs_hit in found.values() for i in paragraphs_hit}
-    train_hits = sum(bool(index.paragraphs_holding(text)) for text in long_segments(speeches.train_cls.texts))
+    train_segments = long_segments(speeches.train_cls.texts)
+    train_hits = sum(bool(index.paragraphs_holding(text)) for text in train_segments)
     audit = {"addresses": len(addresses), "held_out_addresses": sorted(a.fileid for a in addresses if a not in kept),
              "min_words": AUDIT_MIN_WORDS,
              **{name: {"checked": len(found), "found": sum(bool(v) for v in found.values()),
                        "in_addresses": sorted({owner[i] for v in found.values() for i in v})}
                 for name, found in hits.items()},
-             "train_CLS segments": {"checked": len(long_segments(speeches.train_cls.texts)), "found": train_hits},
+             "train_CLS segments": {"checked": len(train_segments), "found": train_hits},
              "dropped_paragraphs": len(dropped)}
     return PretrainingText([p for i, p in enumerate(paragraphs) if i not in dropped], len(kept),
                            audit["held_out_addresses"], len(dropped), audit)

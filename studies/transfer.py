@@ -22,7 +22,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -30,10 +30,10 @@ import torch
 
 import training
 import utilities
-from dataset import TEST_LM, split_lines
+from dataset import TEST_LM, digest, split_lines
 from models.pretrained import Pretrained
 from runtime import corpus
-from studies import baselines, gap, pretraining
+from studies import baselines, gap, improvement, pretraining
 from studies.scaling import GROWN_FAMILY, pooled_perplexity
 from studies.study import Context, Option, Study
 from studies.workers import cell, map_jobs, spread, worker_run
@@ -58,12 +58,13 @@ STAMP = "pretraining.json"  # written last into a cached checkpoint: its key and
 @dataclass(frozen=True)
 class TransferJob:
     """One piece of the study on a worker: task lm | classifier (a fine-tuning from `checkpoint`, the pretrained
-    decoder or encoder that `start` names), or count_lm."""
+    decoder or encoder that `start` names), or count_lm (on `pretraining_ids`, the text's ids the study already has)."""
 
     task: str
     seed: int = 0
     checkpoint: str | None = None
     start: str = "decoder"
+    pretraining_ids: list[int] | None = field(default=None, repr=False, compare=False)
 
 
 # ---------------------------------------------------------------- pretraining, cached
@@ -77,11 +78,6 @@ def pretraining_settings(run: training.Run, steps: int) -> tuple:
     return config, settings.validate()
 
 
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def pretraining_key(run: training.Run, text: str, config, settings, seed: int) -> str:
     """A digest of everything that decides the pretrained weights: vocabulary, text, sizes, training, seed."""
     decides = json.dumps([run.tokenizer.to_json(), hashlib.sha256(text.encode()).hexdigest(), config.to_dict(),
@@ -93,7 +89,7 @@ def intact(folder: Path, key: str) -> bool:
     """A cached checkpoint whose stamp names `key` and whose files still have the digests it recorded."""
     try:
         stamp = json.loads((folder / STAMP).read_text(encoding="utf-8"))
-        return stamp["key"] == key and all(file_digest(folder / name) == stamp["files"][name]
+        return stamp["key"] == key and all(digest(folder / name) == stamp["files"][name]
                                            for name in utilities.CHECKPOINT_FILES)
     except (OSError, ValueError, KeyError, TypeError):
         return False
@@ -110,7 +106,7 @@ def cached(run: training.Run, name: str, key: str, pretrain, log=print) -> Path:
         log(f"transfer: {folder} is incomplete or was edited: pretraining again")
     model, config_dict, report = pretrain()
     utilities.save_checkpoint(folder, model, config_dict, run.tokenizer.to_json(), {"pretraining": report})
-    utilities.write_json(folder / STAMP, {"key": key, "files": {name: file_digest(folder / name)
+    utilities.write_json(folder / STAMP, {"key": key, "files": {name: digest(folder / name)
                                                                 for name in utilities.CHECKPOINT_FILES}})
     log(f"transfer: pretrained {name} written to {folder}")
     return folder
@@ -234,7 +230,7 @@ def _run_job(job: TransferJob) -> tuple[TransferJob, dict]:
     run, quiet = worker_run(), (lambda *a, **k: None)
     started = time.perf_counter()
     if job.task == "count_lm":
-        report = count_language_models(run, pretraining_ids(run)[0])
+        report = count_language_models(run, job.pretraining_ids)
     else:
         work = finetune_lm if job.task == "lm" else finetune_classifier
         report = work(run, Pretrained(Path(job.checkpoint)), job.seed, quiet)
@@ -268,13 +264,9 @@ CLASSIFIER_KEYS = ("test_accuracy", "test_accuracy_seen", "test_accuracy_unseen"
 
 
 def summarise_classifier(run: training.Run, reports: list[dict], pretraining_tokens: int) -> dict:
-    """Mean and spread over seeds, and the seed ensemble (the mean of the probabilities)."""
-    ensemble = training.classifier_report(run, torch.tensor([r["probabilities"] for r in reports]).mean(0))
-    return {**{key: spread([r[key] for r in reports]) if reports[0][key] is not None else None for key in CLASSIFIER_KEYS},
-            "ensemble": {key: ensemble[key] for key in CLASSIFIER_KEYS},
-            "chosen": [r["chosen"] for r in reports], "seeds": len(reports), "pretraining_tokens": pretraining_tokens,
-            "labelled_examples": len(run.data.train_cls.texts), "num_parameters": reports[0]["num_parameters"],
-            "train_seconds": spread([r["train_seconds"] for r in reports])}
+    """Mean and spread over seeds and the seed ensemble (improvement.summarise_improve's), and what the row saw."""
+    return {**improvement.summarise_improve(run, "classifier", reports), "seeds": len(reports),
+            "pretraining_tokens": pretraining_tokens, "labelled_examples": len(run.data.train_cls.texts)}
 
 
 def course_reference(run: training.Run, context: Context) -> tuple[dict, dict]:
@@ -306,7 +298,8 @@ def study(run: training.Run, context: Context, log=print) -> tuple[dict, list[st
                                                  context.seed, log)}
     pretraining = Pretrained(checkpoints["decoder"]).metrics["pretraining"]
     seeds = [context.seed + offset for offset in range(context.seeds)]
-    jobs = [TransferJob("count_lm"), *(TransferJob("lm", seed, str(checkpoints["decoder"])) for seed in seeds),
+    jobs = [TransferJob("count_lm", pretraining_ids=ids),
+            *(TransferJob("lm", seed, str(checkpoints["decoder"])) for seed in seeds),
             *(TransferJob("classifier", seed, str(checkpoints[start]), start) for start in checkpoints for seed in seeds)]
     log(f"transfer: {len(jobs) - 1} fine-tunings and the count models on {context.workers} workers")
     lm, classifier = {}, {}
