@@ -1,4 +1,4 @@
-"""The course suite: python main.py --part one|two|three [options], or main.py generate|convert|gap|sweep [options]."""
+"""The course suite: python main.py --part one|two|three [options], or main.py generate|chat|convert|gap|sweep [options]."""
 
 import argparse
 import contextlib
@@ -17,9 +17,9 @@ from runtime import corpus
 from runtime import parallel as data_parallel
 from runtime.memory import keep_freed_memory
 from runtime.resume import TrainingInterrupted
-from studies import exploration, gap, heads, improvement, scaling, span_corruption, transfer, workers
+from studies import exploration, gap, heads, improvement, instruct, scaling, span_corruption, transfer, workers
 from studies.study import SHARED_OPTIONS, Context
-from tools import convert, generate, sweep
+from tools import chat, convert, generate, sweep
 from tools import gap as gap_tool
 from tools.cli import Parser
 from training import (
@@ -43,7 +43,7 @@ from transformer import TransformerConfig
 
 # part three's studies, in the order they run: each a flag (and its options) built from its row
 STUDIES = (heads.STUDY, span_corruption.STUDY, exploration.STUDY, improvement.STUDY, scaling.STUDY, gap.STUDY,
-           transfer.STUDY)
+           transfer.STUDY, instruct.STUDY)
 
 # ---------------------------------------------------------------- the parts
 
@@ -345,15 +345,16 @@ def check_options(parser: argparse.ArgumentParser, args):
     if args.part == "three" and (args.checkpoint_every or args.resume or args.init_from
                                  or data_parallel.launched_by_torchrun()):
         raise ValueError("checkpoints, --resume, --init-from and torchrun apply to parts one and two")
-    if args.part == "three" and args.transfer and args.tokenizer != "word":
-        raise ValueError("--transfer pretrains in the course's word vocabulary and compares word-level perplexities: "
+    if args.part == "three" and (args.transfer or args.instruct) and args.tokenizer != "word":
+        raise ValueError(f"--{'transfer' if args.transfer else 'instruct'} pretrains in the course's word vocabulary: "
                          "use --tokenizer word")
     for study in STUDIES:
         if getattr(args, study.flag) and study.check is not None:  # a typo must not cost the runs before the study
             study.check({option.name: getattr(args, option.name) for option in study.options})
 
 
-COMMANDS = {"generate": generate.command, "convert": convert.command, "gap": gap_tool.command, "sweep": sweep.command}
+COMMANDS = {"generate": generate.command, "chat": chat.command, "convert": convert.command, "gap": gap_tool.command,
+            "sweep": sweep.command}
 
 
 def main(argv=None) -> int:

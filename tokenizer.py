@@ -23,8 +23,11 @@ class WordTokenizer:
     Treebank tokenizer, exactly as `word_tokenize` does.
     """
 
-    def __init__(self, vocabulary: Iterable[str] = ()):
-        self.itos = [PAD, UNK] + sorted(set(vocabulary) - {PAD, UNK})
+    def __init__(self, vocabulary: Iterable[str] = (), added: Sequence[str] = ()):
+        # `added` tokens go after the sorted vocabulary, in their order: adding them moves no existing id
+        # (models/chat.py's turn markers and answer words, appended to a pretrained model's vocabulary)
+        self.added = list(dict.fromkeys(added))
+        self.itos = [PAD, UNK] + sorted(set(vocabulary) - {PAD, UNK} - set(self.added)) + self.added
         self.stoi = {token: index for index, token in enumerate(self.itos)}
         self._sentences = punkt.tokenizer_for("english")
         self._words = NLTKWordTokenizer()
@@ -61,14 +64,25 @@ class WordTokenizer:
         """Tokens joined by spaces (word tokenization is not exactly invertible)."""
         return " ".join(self.itos[i] for i in ids)
 
+    def with_added(self, tokens: Iterable[str]) -> "WordTokenizer":
+        """This tokenizer with `tokens` it lacks appended after its last id (every existing id unchanged)."""
+        new = [token for token in dict.fromkeys(tokens) if token not in self.stoi]
+        tokenizer = WordTokenizer(self.itos[: len(self.itos) - len(self.added)], [*self.added, *new])
+        tokenizer._cache = self._cache
+        return tokenizer
+
     def to_json(self) -> str:
-        """The vocabulary as JSON."""
-        return json.dumps({"type": "word", "itos": self.itos})
+        """The vocabulary as JSON (with the appended tokens, when there are any)."""
+        return json.dumps({"type": "word", "itos": self.itos, **({"added": self.added} if self.added else {})})
 
     @classmethod
     def from_json(cls, text: str) -> "WordTokenizer":
         """Inverse of `to_json`."""
-        return cls(json.loads(text)["itos"])
+        state = json.loads(text)
+        added = state.get("added", [])
+        if added and state["itos"][-len(added):] != added:
+            raise ValueError("word tokenizer JSON: its 'added' tokens are not the last of 'itos'")
+        return cls(state["itos"][: len(state["itos"]) - len(added)], added)
 
 
 # --- Byte-level BPE ---------------------------------------------------------------------------

