@@ -7,9 +7,10 @@ split by address. The decoder is pretrained by next-token prediction on the sotu
 (studies/transfer.py's pretraining, cached), its vocabulary grown by the chat tokens and the answer words it lacks
 (models/chat.py), then fine-tuned with the loss on the assistant's tokens only. Each seed's model is scored on the
 held-out addresses: exact match of its greedy answer (who, who_all, when, follow_up) and, for continue, whether the
-true next sentence is the likeliest of the candidates. The same questions go to the suite's other tools: naive
-Bayes on the passage's words (who, who_all, when; follow_up's decade from the first turn's passage), the course's
-encoder trained on the same who passages, and Kneser-Ney's likelihood for continue.
+true next sentence is the candidate most raised by the opening (the log-likelihood ratio of continuation_scores). The
+same questions go to the suite's other tools: naive Bayes on the passage's words (who, who_all, when; follow_up's
+decade from the first turn's passage), the course's encoder trained on the same who passages, and Kneser-Ney's
+trigram for continue, scored by the same ratio.
 """
 
 import math

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from models.chat import SYSTEM_PROMPT, ChatFormat, NotInstructionTuned
-from models.generation import STRATEGIES, stream
+from models.generation import stream
 from tokenizer import PAD_ID, UNK_ID
-from tools.cli import Parser, checkpoint_tokenizer, load_decoder
+from tools.cli import Parser, add_decoding_options, checkpoint_tokenizer, load_decoder
 
 PROMPT = "you> "
 ANSWER_SHARE = 4  # at most a quarter of the context is kept free for the answer: the rest holds the conversation
@@ -30,11 +30,7 @@ def build_chat_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", help="answer this one question and exit")
     parser.add_argument("--system", default=SYSTEM_PROMPT, help="the system turn every conversation starts with")
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--strategy", choices=STRATEGIES, default="greedy")
-    parser.add_argument("--temperature", type=float, default=1.0, help="> 0; greedy ignores it")
-    parser.add_argument("--top-k", type=int, help="top-k (and optionally sample): keep the k likeliest tokens")
-    parser.add_argument("--top-p", type=float, help="top-p (and optionally sample): smallest set with mass >= p")
-    parser.add_argument("--seed", type=int, default=0)
+    add_decoding_options(parser)
     return parser
 
 
@@ -69,7 +65,7 @@ class Conversation:
                       f"{self.model.config.block_size}-token context and are left out)")
         words = []
         for index in stream(self.model, prompt.ids, self.args.max_new_tokens, self.args.strategy, self.args.temperature,
-                            self.args.top_k, self.args.top_p, generator=self.generator, eos_id=self.chat.end_id,
+                            self.args.top_k, self.args.top_p, self.args.beams, self.generator, eos_id=self.chat.end_id,
                             suppress_ids=self.never):
             if index == self.chat.end_id:
                 break
@@ -122,7 +118,7 @@ def command(argv) -> int:
         conversation = Conversation(model, chat, args)
         # a bad option fails here, before any question: check_generation on a one-token prompt
         stream(model, [chat.role_ids["assistant"]], args.max_new_tokens, args.strategy, args.temperature, args.top_k,
-               args.top_p)
+               args.top_p, args.beams)
         if args.prompt is not None:
             conversation.ask(args.prompt)
             return 0

@@ -1,9 +1,11 @@
-"""What every subcommand shares: a parser whose errors are one line, and loading a saved decoder with its tokenizer."""
+"""What every subcommand shares: a parser whose errors are one line, the decoding options, and loading a saved decoder
+with its tokenizer."""
 
 import argparse
 from pathlib import Path
 
 import utilities
+from models.generation import STRATEGIES
 from tokenizer import tokenizer_from_json
 
 
@@ -13,6 +15,16 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         """One line and exit status 2, instead of argparse's usage block."""
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def add_decoding_options(parser: argparse.ArgumentParser):
+    """The decoding options `generate` and `chat` share (models/generation.py's five strategies)."""
+    parser.add_argument("--strategy", choices=STRATEGIES, default="greedy")
+    parser.add_argument("--temperature", type=float, default=1.0, help="> 0; greedy ignores it")
+    parser.add_argument("--top-k", type=int, help="top-k (and optionally sample): keep the k likeliest tokens")
+    parser.add_argument("--top-p", type=float, help="top-p (and optionally sample): smallest set with mass >= p")
+    parser.add_argument("--beams", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0, help="of the sampling strategies' draws")
 
 
 def load_decoder(checkpoint: Path, purpose: str):

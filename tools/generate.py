@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from models.generation import STRATEGIES, generate
+from models.generation import generate
 from tokenizer import PAD_ID, UNK_ID, WordTokenizer
-from tools.cli import Parser, checkpoint_tokenizer, load_decoder
+from tools.cli import Parser, add_decoding_options, checkpoint_tokenizer, load_decoder
 
 
 def build_generate_parser() -> argparse.ArgumentParser:
@@ -17,13 +17,8 @@ def build_generate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", type=Path, required=True, metavar="DIR")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=30)
-    parser.add_argument("--strategy", choices=STRATEGIES, default="greedy")
-    parser.add_argument("--temperature", type=float, default=1.0, help="> 0; greedy ignores it")
-    parser.add_argument("--top-k", type=int, help="top-k (and optionally sample): keep the k likeliest tokens")
-    parser.add_argument("--top-p", type=float, help="top-p (and optionally sample): smallest set with mass >= p")
-    parser.add_argument("--beams", type=int, default=4)
+    add_decoding_options(parser)
     parser.add_argument("--max-context", type=int, help="tokens the model sees (default block_size)")
-    parser.add_argument("--seed", type=int, default=0)
     return parser
 
 
