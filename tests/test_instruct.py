@@ -6,6 +6,7 @@ its refusals, and a tiny --instruct end to end."""
 import io
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -259,12 +260,18 @@ def read_until(fd: int, text: str, timeout: float = 60) -> str:
     return seen
 
 
-def test_the_chat_in_a_terminal_answers_and_quits(chat_model):
-    folder, data, _, _, _ = chat_model
+def in_a_terminal(folder: Path) -> tuple[subprocess.Popen, int]:
+    """`main.py chat` with a pseudo-terminal for its input and output, and the terminal's controlling side."""
     controller, terminal = os.openpty()
     process = subprocess.Popen([sys.executable, "main.py", "chat", "--checkpoint", str(folder / "chat")], cwd=ROOT,
                                stdin=terminal, stdout=terminal, stderr=terminal, close_fds=True)
     os.close(terminal)
+    return process, controller
+
+
+def test_the_chat_in_a_terminal_answers_and_quits(chat_model):
+    folder, data, _, _, _ = chat_model
+    process, controller = in_a_terminal(folder)
     try:
         assert "/quit" in read_until(controller, "you> ")  # the help line, then the prompt
         os.write(controller, (data.test["who"][2].turns[1][1] + "\n").encode())
@@ -272,6 +279,19 @@ def test_the_chat_in_a_terminal_answers_and_quits(chat_model):
         assert instructions.COURSE_NAMES[2].split()[-1] in shown
         os.write(controller, b"/quit\n")
         assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        os.close(controller)
+
+
+def test_ctrl_c_ends_the_chat_cleanly(chat_model):
+    process, controller = in_a_terminal(chat_model[0])
+    try:
+        read_until(controller, "you> ")
+        process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        assert process.wait(timeout=30) == 0
+        ready, _, _ = select.select([controller], [], [], 1)
+        assert "Traceback" not in (os.read(controller, 4096).decode(errors="replace") if ready else "")
     finally:
         process.kill()
         os.close(controller)
