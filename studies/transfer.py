@@ -214,9 +214,10 @@ def count_language_models(run: training.Run, pretraining_ids: list[int]) -> dict
     return rows
 
 
-def pretraining_ids(run: training.Run) -> tuple[list[int], corpus.PretrainingText]:
-    """The pretraining text's word ids (the run's vocabulary) and the text with its audit."""
-    text = corpus.pretraining_text(run.data)
+def pretraining_ids(run: training.Run, held_out=()) -> tuple[list[int], corpus.PretrainingText]:
+    """The pretraining text's word ids (the run's vocabulary) and the text with its audit; `held_out` names addresses
+    left out besides the dataset's test text."""
+    text = corpus.pretraining_text(run.data, held_out=held_out)
     return run.words.encode(joined(text)), text
 
 

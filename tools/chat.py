@@ -13,8 +13,7 @@ from pathlib import Path
 import torch
 
 from models.chat import SYSTEM_PROMPT, ChatFormat, NotInstructionTuned
-from models.generation import stream
-from tokenizer import PAD_ID, UNK_ID
+from models.generation import check_generation, stream
 from tools.cli import Parser, add_decoding_options, checkpoint_tokenizer, load_decoder
 
 PROMPT = "you> "
@@ -43,8 +42,6 @@ class Conversation:
         self.system = [("system", args.system)] if args.system else []
         self.turns: list[tuple[str, str]] = []
         self.generator = torch.Generator().manual_seed(args.seed)
-        # never written: padding, <unk>, and a marker that would open a turn (<end> closes the answer)
-        self.never = {PAD_ID, UNK_ID, *chat.role_ids.values()}
 
     def reset(self):
         self.turns = []
@@ -66,7 +63,7 @@ class Conversation:
         words = []
         for index in stream(self.model, prompt.ids, self.args.max_new_tokens, self.args.strategy, self.args.temperature,
                             self.args.top_k, self.args.top_p, self.args.beams, self.generator, eos_id=self.chat.end_id,
-                            suppress_ids=self.never):
+                            suppress_ids=self.chat.never_written):
             if index == self.chat.end_id:
                 break
             words.append(self.chat.tokenizer.itos[index])
@@ -116,9 +113,9 @@ def command(argv) -> int:
         except NotInstructionTuned as error:
             raise ValueError(f"{args.checkpoint}: {error}") from None
         conversation = Conversation(model, chat, args)
-        # a bad option fails here, before any question: check_generation on a one-token prompt
-        stream(model, [chat.role_ids["assistant"]], args.max_new_tokens, args.strategy, args.temperature, args.top_k,
-               args.top_p, args.beams)
+        # a bad option fails here, before any question
+        check_generation(model, [chat.role_ids["assistant"]], args.max_new_tokens, args.strategy, args.temperature,
+                         args.top_k, args.top_p, args.beams, model.config.block_size)
         if args.prompt is not None:
             conversation.ask(args.prompt)
             return 0
