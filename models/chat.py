@@ -118,14 +118,15 @@ class ChatFormat:
         return Prompt(ids, len(rest) - len(kept), cut)
 
 
-def with_vocabulary(model: TransformerLM, vocab_size: int) -> TransformerLM:
+def with_vocabulary(model: TransformerLM, vocab_size: int, **changes) -> TransformerLM:
     """A copy of `model` whose vocabulary is vocab_size ids: the old rows unchanged, each new row of the embedding
     (and output bias) the mean of the old ones, so a new token starts as an average word rather than noise (Hewitt,
-    2021, "Initializing new word embeddings for pretrained language models")."""
+    2021, "Initializing new word embeddings for pretrained language models"). `changes`: other config fields that
+    leave the weights' shapes alone (the attention's path, dropout)."""
     old = model.config.vocab_size
     if vocab_size < old:
         raise ValueError(f"a vocabulary of {vocab_size} would drop ids of the model's {old}")
-    grown = TransformerLM(replace(model.config, vocab_size=vocab_size))
+    grown = TransformerLM(replace(model.config, vocab_size=vocab_size, **changes))
     state = model.state_dict()
     for name in VOCABULARY_ROWS:
         if name in state:
