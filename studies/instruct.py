@@ -273,8 +273,8 @@ def comparison(run: training.Run, data: instructions.InstructionData, pretrainin
     chance, test_majority = {}, {}
     for task in EXACT_TASKS:
         trained, tested = [c.label for c in train[task]], [c.label for c in test[task]]
-        chance[task] = 100.0 * tested.count(max(data.labels[task], key=trained.count)) / len(tested)
-        test_majority[task] = 100.0 * max(map(tested.count, data.labels[task])) / len(tested)
+        chance[task] = 100.0 * tested.count(max(data.labels[task], key=trained.count)) / max(1, len(tested))
+        test_majority[task] = 100.0 * max(map(tested.count, data.labels[task])) / max(1, len(tested))
     chance["continue"] = test_majority["continue"] = 100.0 / (1 + instructions.DISTRACTORS)
     return {"rows": rows, "chance": chance, "test_majority": test_majority}
 
@@ -374,7 +374,7 @@ def tables(results: dict) -> dict[str, str]:
         rows.append([TASK_NAMES[task], found["n"], "chat model (fine-tuned decoder)", cell(found["accuracy"])])
         rows += [["", "", name, f"{row['accuracy']:.2f}"] for name, row in found["baselines"].items()]
         if task == "continue":
-            rows.append(["", "", "chance (1 in 4)", f"{found['chance']:.2f}"])
+            rows.append(["", "", f"chance (1 in {1 + instructions.DISTRACTORS})", f"{found['chance']:.2f}"])
             continue
         rows.append(["", "", "chance (always the training's commonest answer)", f"{found['chance']:.2f}"])
         rows.append(["", "", "always the test's commonest answer (knows the test)", f"{found['test_majority']:.2f}"])
