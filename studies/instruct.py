@@ -172,14 +172,17 @@ def answer_log_likelihoods(model, chat: ChatFormat, turns, answers) -> list[floa
         return (-AnswerLoss(model).summed(inputs.to(device), targets.to(device))).tolist()
 
 
-def continuation_scores(model, chat: ChatFormat, conversation) -> list[float]:
+def continuation_scores(model, chat: ChatFormat, conversation, priors: dict) -> list[float]:
     """Each candidate's pointwise mutual information with the opening: log P(candidate | the question with the
     opening) - log P(candidate | the question alone). The plain likelihood would favour whichever sentence is short
-    and common, whatever the opening (the "surface form competition" of Holtzman et al., 2021)."""
+    and common, whatever the opening (the "surface form competition" of Holtzman et al., 2021). `priors` keeps the
+    second term across questions: each true sentence is other questions' distractor too."""
     asked, alone = conversation.turns[:-1], (*conversation.turns[:1], ("user", instructions.QUESTIONS["continue"]))
+    missing = [text for text in dict.fromkeys(conversation.candidates) if (alone, text) not in priors]
+    if missing:
+        priors.update(zip([(alone, text) for text in missing], answer_log_likelihoods(model, chat, alone, missing)))
     given = answer_log_likelihoods(model, chat, asked, conversation.candidates)
-    prior = answer_log_likelihoods(model, chat, alone, conversation.candidates)
-    return [a - b for a, b in zip(given, prior)]
+    return [a - priors[alone, text] for a, text in zip(given, conversation.candidates)]
 
 
 def same_answer(chat: ChatFormat, given: str, expected: str) -> bool:
@@ -192,10 +195,10 @@ def score(model, chat: ChatFormat, tests: dict[str, list]) -> dict:
     """Per task: accuracy (%), the number of questions and the first SHOWN answers."""
     found = {}
     for task, conversations in tests.items():
-        correct, shown = 0, []
+        correct, shown, priors = 0, [], {}
         for conversation in conversations:
             if task == "continue":
-                scores = continuation_scores(model, chat, conversation)
+                scores = continuation_scores(model, chat, conversation, priors)
                 right = max(range(len(scores)), key=scores.__getitem__) == 0
                 given = reply(model, chat, conversation.turns[:-1]) if len(shown) < SHOWN else ""
             elif task == "follow_up":  # the first answer is the model's own, as in a conversation
@@ -246,15 +249,16 @@ def course_encoder(run: training.Run, train: list, tests: list, labels: list[str
 def kneser_ney_continuations(run: training.Run, pretraining_ids: list[int], tests: list) -> dict:
     """Kneser-Ney's trigram on the pretraining text, scoring the candidates as the chat model does: log P(candidate |
     the opening) - log P(candidate), where its trigram context reaches back into the opening's last two words."""
-    model, correct = baselines.KneserNeyTrigram(pretraining_ids, run.words.vocab_size), 0
+    model, correct, priors = baselines.KneserNeyTrigram(pretraining_ids, run.words.vocab_size), 0, {}
     for conversation in tests:
         opening = run.words.encode(conversation.passage)
         scores = []
         for candidate in conversation.candidates:
             ids = run.words.encode(candidate)
             given = model.target_probabilities(opening + ids, first_target=len(opening))
-            prior = model.target_probabilities(ids, first_target=0)
-            scores.append(sum(map(math.log, given)) - sum(map(math.log, prior)))
+            if candidate not in priors:  # each true sentence is other questions' distractor too
+                priors[candidate] = sum(map(math.log, model.target_probabilities(ids, first_target=0)))
+            scores.append(sum(map(math.log, given)) - priors[candidate])
         correct += max(range(len(scores)), key=scores.__getitem__) == 0
     return {"accuracy": 100.0 * correct / len(tests), "n": len(tests)}
 
