@@ -47,6 +47,9 @@ class TransformerConfig:
     tie_embeddings: bool = False  # decoder only
     dropout: float = 0.0
     label_smoothing: float = 0.0
+    # decoder only: full (the course's: the whole (B, T, V) logits, then their cross-entropy) | chunked (in training,
+    # the loss and its gradient a few rows at a time, the whole logits never held; the same function within rounding)
+    lm_loss: str = "full"
     init_std: float | None = None  # None keeps PyTorch's default initialisation, as the course does
     pad_id: int = 0
 
@@ -71,7 +74,8 @@ class TransformerConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         tables = {"feedforward": FEEDFORWARDS, "norm": NORMS, "norm_placement": BLOCKS,
-                  "position": POSITIONS, "attention_pattern": PATTERNS, "attention": ATTENTIONS, "pooling": POOLINGS}
+                  "position": POSITIONS, "attention_pattern": PATTERNS, "attention": ATTENTIONS, "pooling": POOLINGS,
+                  "lm_loss": LM_LOSSES}
         for name, table in tables.items():
             if getattr(self, name) not in table:
                 raise ValueError(f"{name} must be one of {', '.join(table)}, got {getattr(self, name)!r}")
@@ -630,6 +634,94 @@ class TransformerClassifier(nn.Module):
 # ---------------------------------------------------------------- decoder language model
 
 
+class FullSoftmaxLoss(nn.Module):
+    """The course's head: the whole (B, T, V) logits, then their mean cross-entropy against the targets."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.label_smoothing = config.label_smoothing
+
+    def forward(self, head: nn.Linear, h, targets=None):
+        logits = head(h)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(),  # (B*T, V) against (B*T,)
+                                   label_smoothing=self.label_smoothing)
+        return logits, loss
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of linear(h, weight, bias) against targets, and its gradients, `rows` rows at a time.
+
+    With a 10,000-word vocabulary the (B*T, V) logits dominate a small decoder's training step: torch's log-softmax,
+    its backward, the casts to and from bf16, and the page faults of arrays too large for malloc to keep. Here each
+    block of rows is projected, normalised with one exp per logit, and turned into its gradient at once (softmax
+    minus the smoothed one-hot, over N), so the forward pass already holds the gradients and the backward only scales
+    them. The projection runs in `dtype` (bf16 under autocast), the softmax in fp32, as autocast would.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, rows: int, label_smoothing: float, dtype: torch.dtype):
+        N, V = h.shape[0], weight.shape[0]
+        h_cast, weight_cast = h.detach().to(dtype), weight.detach().to(dtype)
+        bias_cast = None if bias is None else bias.detach().to(dtype)
+        grad_h = torch.empty_like(h)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+        grad_bias = None if bias is None else torch.zeros(V, dtype=torch.float32, device=h.device)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, N, rows):
+            h_rows, target_rows = h_cast[start:start + rows], targets[start:start + rows]
+            logits = F.linear(h_rows, weight_cast, bias_cast).float()  # (n, V)
+            logits = logits - logits.amax(-1, keepdim=True)  # shifted: exp cannot overflow
+            target_logits = logits.gather(1, target_rows[:, None]).squeeze(1)  # (n,)
+            mean_logits = logits.mean(-1) if label_smoothing else None
+            probs = logits.exp_()  # in place: the shifted logits are not needed again
+            sums = probs.sum(-1, keepdim=True)  # (n, 1)
+            log_sums = sums.log().squeeze(1)
+            losses = log_sums - target_logits  # -log p(target)
+            if label_smoothing:  # (1 - e) * nll + e * the mean over the vocabulary of -log p, as F.cross_entropy
+                losses = (1 - label_smoothing) * losses + label_smoothing * (log_sums - mean_logits)
+            total += losses.sum()
+            grad = probs.div_(sums)  # softmax, (n, V)
+            grad[torch.arange(len(target_rows), device=h.device), target_rows] -= 1 - label_smoothing
+            if label_smoothing:
+                grad.sub_(label_smoothing / V)
+            grad.div_(N)
+            if grad_bias is not None:
+                grad_bias += grad.sum(0)
+            grad = grad.to(dtype)
+            grad_h[start:start + rows] = grad @ weight_cast  # (n, C)
+            grad_weight += (grad.T @ h_rows).float()  # (V, C)
+        ctx.save_for_backward(grad_h, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total / N
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_weight, grad_bias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        return (grad_h * grad_loss, (grad_weight * grad_loss).to(weight_dtype),
+                None if grad_bias is None else (grad_bias * grad_loss).to(bias_dtype), None, None, None, None)
+
+
+class ChunkedSoftmaxLoss(FullSoftmaxLoss):
+    """In training, the loss through ChunkedCrossEntropy and no logits (None); otherwise the full head's."""
+
+    rows = 128  # a (128, 10,000) fp32 block is 5 MB: malloc keeps it, and it stays near the cache
+
+    def forward(self, head: nn.Linear, h, targets=None):
+        if targets is None or not torch.is_grad_enabled():  # evaluation and generation read the logits
+            return super().forward(head, h, targets)
+        device = h.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        loss = ChunkedCrossEntropy.apply(h.flatten(0, 1), head.weight, head.bias, targets.flatten(),  # (B*T, C)
+                                         self.rows, self.label_smoothing, dtype)
+        return None, loss
+
+
+LM_LOSSES = {"full": FullSoftmaxLoss, "chunked": ChunkedSoftmaxLoss}
+
+
 class TransformerLM(nn.Module):
     """GPT-like decoder: causal trunk and a linear head over the vocabulary (part two)."""
 
@@ -638,20 +730,18 @@ class TransformerLM(nn.Module):
         self.config = config.validate()
         self.decoder = Trunk(config, causal=True, max_len=config.block_size)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
+        self.loss = LM_LOSSES[config.lm_loss](config)
         if config.init_std is not None:
             self.apply(partial(initialise, std=config.init_std))
         if config.tie_embeddings:  # the output matrix is the input embedding (Press & Wolf, 2017)
             self.lm_head.weight = self.decoder.token_embedding.weight
 
     def forward(self, idx, targets=None, caches=None, return_attention=False) -> Output:
-        """idx, targets: (B, T) token ids. Returns (B, T, V) logits and the mean cross-entropy."""
+        """idx, targets: (B, T) token ids. Returns (B, T, V) logits (None from a chunked loss in training) and the
+        mean cross-entropy."""
         x = self.decoder.token_embedding(idx)  # (B, T, C)
         h, attentions = self.decoder(x, caches=caches, return_attention=return_attention)
-        logits = self.lm_head(h)  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(),  # (B*T, V) against (B*T,)
-                                   label_smoothing=self.config.label_smoothing)
+        logits, loss = self.loss(self.lm_head, h, targets)
         return Output(logits, loss, attentions)
 
     def new_caches(self) -> list[KVCache]:

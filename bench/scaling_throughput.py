@@ -4,7 +4,8 @@
 
 Both models: the shape the scaling study grows to (default width 128, 4 layers of 4 heads, context 128, GELU
 feedforward 4x wide, tied embeddings, dropout 0.1), a 10,000-word head, batch 32, fused AdamW, the same random
-batches. Ours is TransformerLM with the manual attention (the course's) and with `attention="sdpa"`; the plain one is
+batches. Ours is TransformerLM with the manual attention (the course's) and with `attention="sdpa"`, each with the
+course's loss over the whole (B, T, V) logits and with `lm_loss="chunked"` (the scaling study's); the plain one is
 written below in nanoGPT's manner: torch's fused LayerNorm and F.scaled_dot_product_attention(is_causal=True). Each
 case runs in fp32 and under bf16 autocast. Rounds alternate between the cases (a machine's load hits all alike); the
 figure is the median over rounds of steps / wall seconds, after one warm-up step per case.
@@ -25,6 +26,8 @@ from training import autocast
 from transformer import TransformerConfig, TransformerLM
 
 VOCABULARY = 10_000  # sotu-all's word vocabulary
+CASES = (("ours, manual attention", "manual", "full"), ("ours, sdpa attention", "sdpa", "full"),
+         ("ours, manual attention, chunked loss", "manual", "chunked"), ("ours, sdpa, chunked loss", "sdpa", "chunked"))
 
 
 class PlainBlock(nn.Module):
@@ -62,10 +65,10 @@ class PlainGPT(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
-def ours(width: int, layers: int, heads: int, context: int, dropout: float, attention: str) -> nn.Module:
+def ours(width: int, layers: int, heads: int, context: int, dropout: float, attention: str, lm_loss: str) -> nn.Module:
     config = TransformerConfig(vocab_size=VOCABULARY, block_size=context, n_embd=width, n_head=heads, n_layer=layers,
                                ff_hidden=4 * width, feedforward="gelu", tie_embeddings=True, dropout=dropout,
-                               attention=attention)
+                               attention=attention, lm_loss=lm_loss)
     model = TransformerLM(config)
     return lambda idx, targets: model(idx, targets).loss, model
 
@@ -101,9 +104,9 @@ def main():
     shape = (args.width, args.layers, args.heads, args.context, args.dropout)
     cases = {}
     for precision in ("fp32", "bf16"):
-        for name, attention in (("ours, manual attention", "manual"), ("ours, sdpa attention", "sdpa")):
+        for name, attention, lm_loss in CASES:
             torch.manual_seed(0)
-            loss_of, model = ours(*shape, attention)
+            loss_of, model = ours(*shape, attention, lm_loss)
             cases[f"{name}, {precision}"] = step_function(loss_of, model.train(), precision, device)
         torch.manual_seed(0)
         plain = PlainGPT(*shape).train()
@@ -128,7 +131,7 @@ def main():
         for name in rates:
             if name.endswith(precision):
                 rate = statistics.median(rates[name])
-                print(f"  {name:36s} {rate:>9,.0f} tokens/s   {rate / plain:.2f}x the plain model's")
+                print(f"  {name:44s} {rate:>9,.0f} tokens/s   {rate / plain:.2f}x the plain model's")
 
 
 if __name__ == "__main__":
