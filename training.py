@@ -509,9 +509,11 @@ def classifier_report(run: Run, probabilities: torch.Tensor) -> dict:
 
 
 def train_classifier(run: Run, config: TransformerConfig, training: TrainingConfig, seed: int, log=print,
-                     harness: Harness | None = None, build_model=None, wrap_batches=None) -> TrainResult:
+                     harness: Harness | None = None, build_model=None, wrap_batches=None,
+                     patience: int | None = None) -> TrainResult:
     """Train the encoder classifier: its per-epoch rows, and the test accuracies of the model returned.
-    The studies' hooks: wrap_batches(batches, seed) changes the training batches (dataset.token_dropout's).
+    The studies' hooks: wrap_batches(batches, seed) changes the training batches (dataset.token_dropout's); patience
+    stops a run with a validation split early (fit's, counted in epochs).
     build_model(config), if given, makes the classifier (pretraining.py's starts from a pretrained encoder)."""
     torch.manual_seed(seed)
     model = (build_model(config) if build_model else TransformerClassifier(config)).to(run.device)
@@ -551,7 +553,7 @@ def train_classifier(run: Run, config: TransformerConfig, training: TrainingConf
     started = time.perf_counter()
     stop_after = training.stop_after * steps_per_epoch if training.stop_after else None
     epochs = fit(model, batches, training.epochs * steps_per_epoch, steps_per_epoch, evaluate, training, run.device,
-                 stop_after=stop_after, harness=harness)
+                 stop_after=stop_after, harness=harness, patience=patience)
     seconds = time.perf_counter() - started
     if validation is not None and training.refit:
         selection = TrainResult(model, count_parameters(model), "epoch", epochs, {}, seconds)

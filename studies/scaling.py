@@ -60,6 +60,7 @@ GROWN_LEARNING_RATES = {64: 2e-3, 128: 2e-3, 256: 1e-3}  # by width
 GROWN_PRECISION = "bf16"
 PASSES_SMALLEST, PASSES_FEWEST, MIN_STEPS = 20, 4, 400  # the token budget: 20 passes at 32k words, down to 4
 EVALUATIONS_GROWN, PATIENCE = 12, 3  # evaluations planned per run; stop after 3 without a better validation
+GROWN_ENCODER, CLS_PATIENCE = "best", 5  # the encoder grown with the data: every epoch of its preset, patience 5 epochs
 
 
 def candidates_for(size: int | None) -> tuple[str, ...]:
@@ -205,11 +206,16 @@ def _train_slice(job: SliceJob) -> tuple[SliceJob, dict]:
         else:
             settings = training.training_config(sliced, "classifier", preset=job.model)
             steps_per_epoch = math.ceil(len(segments.texts) * (1 - VALIDATION) / settings.batch_size)
-            epochs = max(2, min(settings.epochs, math.ceil(job.steps / steps_per_epoch)))
+            # the base encoder: at most --scaling-cls-steps (the reference line); the best one grown with the data:
+            # its preset's epochs at every size, so its updates grow with the slice, until validation stops improving
+            epochs = (settings.epochs if job.model == GROWN_ENCODER
+                      else max(2, min(settings.epochs, math.ceil(job.steps / steps_per_epoch))))
             settings = replace(settings, epochs=epochs, validation_fraction=VALIDATION, refit=False)
             config = training.model_config(sliced, "classifier", preset=job.model)
-            result = training.train_classifier(sliced, config, settings, job.seed, log=quiet)
-            report = {"test_accuracy": result.final["test_accuracy"], "epochs": epochs, "best_epoch": result.chosen}
+            result = training.train_classifier(sliced, config, settings, job.seed, log=quiet,
+                                               patience=CLS_PATIENCE if job.model == GROWN_ENCODER else None)
+            report = {"test_accuracy": result.final["test_accuracy"], "epochs": epochs, "best_epoch": result.chosen,
+                      "epochs_run": result.history[-1]["epoch"]}
         report["train_segments"] = len(held_out(segments)[0].texts)
     report["seconds"] = time.perf_counter() - started
     return job, report
@@ -251,7 +257,7 @@ def jobs_for(seed: int, full: bool, lm_steps: int, cls_steps: int) -> list[Slice
     jobs = [SliceJob("lm", model, size, seed, lm_steps if model == "base" else 0) for size in lm_sizes
             for model in ("base", *COUNT_MODELS)]
     jobs += [SliceJob("lm", "grown", size, seed, 0, member) for size in lm_sizes for member in candidates_for(size)]
-    jobs += [SliceJob("classifier", model, size, seed, cls_steps if model in ENCODERS else 0) for size in cls_sizes
+    jobs += [SliceJob("classifier", model, size, seed, cls_steps if model == "base" else 0) for size in cls_sizes
              for model in (*ENCODERS, "count_classifiers")]
     # the longest first (the grown decoders, the largest slices), so that two workers finish together
     return sorted(jobs, key=lambda job: (job.model != "grown", job.model in (*COUNT_MODELS, "count_classifiers"),
@@ -264,7 +270,8 @@ def job_file(folder: Path, job: SliceJob, settings: training.RunSettings) -> Pat
     read); the code itself is not in it, so a changed study wants a fresh --out."""
     decides = json.dumps([asdict(job), GROWN_FAMILY, GROWN_MODEL, GROWN_TRAINING, GROWN_LEARNING_RATES, GROWN_PRECISION,
                           PASSES_SMALLEST, PASSES_FEWEST, MIN_STEPS, EVALUATIONS_GROWN, PATIENCE, EVALUATIONS,
-                          VALIDATION, SHUFFLE_SEED, {name: asdict(preset) for name, preset in training.PRESETS.items()},
+                          GROWN_ENCODER, CLS_PATIENCE, VALIDATION, SHUFFLE_SEED,
+                          {name: asdict(preset) for name, preset in training.PRESETS.items()},
                           settings.model_flags, settings.training_flags, settings.precision, settings.compile],
                          sort_keys=True, default=str)
     name = f"{job.task}_{job.model}{'_' + job.member if job.member else ''}_{job.size or 'all'}"
