@@ -626,12 +626,15 @@ def encode_stream(run: Run, text: str) -> torch.Tensor:
 
 def train_language_model(run: Run, config: TransformerConfig, training: TrainingConfig, seed: int, log=print,
                          harness: Harness | None = None, build_model=None, wrap_batches=None,
-                         train_eval_tokens: int | None = None, patience: int | None = None) -> TrainResult:
+                         train_eval_tokens: int | None = None, patience: int | None = None,
+                         curves: bool = True) -> TrainResult:
     """Train the decoder on train_LM.txt: its rows (perplexity every eval_interval), and the returned model's figures.
     The studies' hooks: wrap_batches(batches, train_stream, config, seed) changes the training batches
     (dataset.input_noise's); train_eval_tokens scores the train perplexity on that many first tokens only (None: all,
     as the course does; the scaling study's 1.6M-token slices would otherwise spend most of their time there);
-    patience stops a run with a validation split early (fit's).
+    patience stops a run with a validation split early (fit's); curves=False scores only the validation split at each
+    evaluation (all that the choice reads) and the test files and train perplexity once, on the returned model (the
+    same figures: evaluation draws nothing).
     build_model(config, train_stream), if given, makes another decoder (models/novel_words.py's needs the training stream)."""
     torch.manual_seed(seed)
     train_text, validation_text = split_lines(run.data.train_lm, training.validation_fraction)
@@ -651,18 +654,23 @@ def train_language_model(run: Run, config: TransformerConfig, training: Training
     harness = replace(harness, identity=run_identity(run, "lm", config, training, seed, run.data.train_lm, harness),
                       save_last=validation_stream is not None and training.refit)
 
-    def evaluate(step, recent_steps):
-        row = {"iteration": step, "train_loss": sum(loss for loss, _, _ in recent_steps) / len(recent_steps),
-               "train_perplexity": perplexity(model, train_stream[:train_eval_tokens], config.block_size, run.device),
+    def scores():  # the model's training and test figures
+        row = {"train_perplexity": perplexity(model, train_stream[:train_eval_tokens], config.block_size, run.device),
                "perplexity": {name: perplexity(model, stream, config.block_size, run.device)
                               for name, stream in test_streams.items()}}
-        if validation_stream is not None:
-            row["validation_perplexity"] = perplexity(model, validation_stream, config.block_size, run.device)
-            row["validation_score"] = row["validation_perplexity"]
         if run.settings.tokenizer != "word":  # per-token perplexities of different tokenizers are not comparable
             row["word_perplexity"] = {name: word_perplexity(run, model, text, config.block_size)
                                       for name, text in run.data.test_lm.items()}
-        log(f"{step:>9} | {row['train_perplexity']:>9.2f} | " + " | ".join(f"{v:>8.2f}" for v in row["perplexity"].values())
+        return row
+
+    def evaluate(step, recent_steps):
+        row = {"iteration": step, "train_loss": sum(loss for loss, _, _ in recent_steps) / len(recent_steps),
+               **(scores() if curves else {})}
+        if validation_stream is not None:
+            row["validation_perplexity"] = perplexity(model, validation_stream, config.block_size, run.device)
+            row["validation_score"] = row["validation_perplexity"]
+        log(f"{step:>9} | " + (f"{row['train_perplexity']:>9.2f} | " + " | ".join(
+            f"{v:>8.2f}" for v in row["perplexity"].values()) if curves else f"{row['train_loss']:>9.4f} (train loss)")
             + (f" | {row['validation_perplexity']:>8.2f}" if validation_stream is not None else ""))
         return row
 
@@ -677,12 +685,14 @@ def train_language_model(run: Run, config: TransformerConfig, training: Training
         selection = TrainResult(model, count_parameters(model), "iteration", evals, {}, seconds)
         return refit_after(selection, training, lambda refit: train_language_model(
             run, config, refit, seed, log, harness.for_refit(f"{harness.name}_refit"), build_model, wrap_batches,
-            train_eval_tokens), TRAIN_LM, log)  # the refit has no validation split to be patient with
+            train_eval_tokens, curves=curves), TRAIN_LM, log)  # the refit has no validation split to be patient with
     if validation_stream is not None:  # the restored best model: its figures are those of its evaluation
         best = best_evaluation(evals)
+        best = best if curves else {**best, **scores()}
         final = final_figures(best, f"the best validation evaluation (iteration {best['iteration']}), restored")
         return TrainResult(model, count_parameters(model), "iteration", evals, final, seconds, best["iteration"])
-    final = final_figures(evals[-1], f"the last iteration ({evals[-1]['iteration']})")
+    last = evals[-1] if curves else {**evals[-1], **scores()}
+    final = final_figures(last, f"the last iteration ({last['iteration']})")
     return TrainResult(model, count_parameters(model), "iteration", evals, final, seconds)
 
 

@@ -665,6 +665,11 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         N, V = h.shape[0], weight.shape[0]
         h_cast, weight_cast = h.detach().to(dtype), weight.detach().to(dtype)
         bias_cast = None if bias is None else bias.detach().to(dtype)
+        # the gradients are formed before any loss scale is applied: fp16's range would flush the small ones to 0
+        # (a GradScaler cannot help), so under fp16 their products run in fp32; bf16 has fp32's range
+        grad_dtype = torch.float32 if dtype == torch.float16 else dtype
+        h_grad_cast, weight_grad_cast = ((h_cast, weight_cast) if grad_dtype == dtype
+                                         else (h.detach().to(grad_dtype), weight.detach().to(grad_dtype)))
         grad_h = torch.empty_like(h)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
         grad_bias = None if bias is None else torch.zeros(V, dtype=torch.float32, device=h.device)
@@ -689,9 +694,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             grad.div_(N)
             if grad_bias is not None:
                 grad_bias += grad.sum(0)
-            grad = grad.to(dtype)
-            grad_h[start:start + rows] = grad @ weight_cast  # (n, C)
-            grad_weight += (grad.T @ h_rows).float()  # (V, C)
+            grad = grad.to(grad_dtype)
+            grad_h[start:start + rows] = grad @ weight_grad_cast  # (n, C)
+            grad_weight += (grad.T @ h_grad_cast[start:start + rows]).float()  # (V, C)
         ctx.save_for_backward(grad_h, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total / N

@@ -190,7 +190,8 @@ def _train_slice(job: SliceJob) -> tuple[SliceJob, dict]:
             settings = replace(training.training_config(sliced, "lm", preset=job.model), max_iters=job.steps,
                                eval_interval=max(1, job.steps // EVALUATIONS), validation_fraction=VALIDATION,
                                refit=False)
-            result = training.train_language_model(sliced, config, settings, job.seed, log=quiet, train_eval_tokens=20_000)
+            result = training.train_language_model(sliced, config, settings, job.seed, log=quiet, train_eval_tokens=20_000,
+                                                   curves=False)
             report = {"perplexity": result.final["perplexity"], "best_iteration": result.chosen,
                       "num_parameters": result.num_parameters}
         report["train_tokens"] = train_words(sliced)
@@ -235,8 +236,9 @@ def train_grown(run: training.Run, job: SliceJob, log) -> dict:
     settings = replace(training.training_config(run, "lm", preset="best"), **GROWN_TRAINING, max_iters=steps,
                        learning_rate=GROWN_LEARNING_RATES[config.n_embd], eval_interval=max(1, steps // EVALUATIONS_GROWN),
                        validation_fraction=VALIDATION, refit=False, precision=GROWN_PRECISION)
+    # only validation along the way (what the choice reads); the test files once, on the restored best model
     result = training.train_language_model(run, config, settings.validate(), job.seed, log=log, train_eval_tokens=20_000,
-                                           patience=PATIENCE)
+                                           patience=PATIENCE, curves=False)
     taken = result.history[-1]["iteration"]
     return {"perplexity": result.final["perplexity"], "validation_perplexity": result.final["validation_perplexity"],
             "best_iteration": result.chosen, "iterations": taken, "planned_iterations": steps,

@@ -183,6 +183,7 @@ def tiny_scaling(monkeypatch):
     monkeypatch.setattr(scaling, "PASSES_SMALLEST", 1)
     monkeypatch.setattr(scaling, "PASSES_FEWEST", 1)
     monkeypatch.setattr(scaling, "EVALUATIONS_GROWN", 3)
+    monkeypatch.setattr(scaling, "CLS_PATIENCE", 2)
 
 
 def test_scaling_study_on_tiny_slices_scores_every_point_on_the_same_test_tokens(standin, tmp_path, tiny_scaling):
@@ -203,6 +204,10 @@ def test_scaling_study_on_tiny_slices_scores_every_point_on_the_same_test_tokens
     for row in results["lm"]["grown"]:  # the member validation prefers, whatever the test figures say
         assert row["member"] == min(row["candidates"], key=lambda m: row["candidates"][m]["validation_perplexity"])
         assert set(row["candidates"]) == set(TINY_FAMILY) and row["tokens_seen"] == row["iterations"] * 32 * 16
+    for row in results["classifier"]["best"]:  # grown with the data: every epoch of its preset, unless patience stops it
+        assert row["epochs"] == training.PRESETS["best"].classifier[1]["epochs"]
+        assert row["epochs_run"] == row["epochs"] or row["epochs_run"] - row["best_epoch"] == scaling.CLS_PATIENCE
+    assert all(row["epochs"] == 2 for row in results["classifier"]["base"])  # capped by --scaling-cls-steps (10)
     for name, first in results["crossover"].items():  # against a brute-force reading of the curves
         task, model, _, rival = name.split()
         key, value = ("train_tokens", "pooled_perplexity") if task == "lm" else ("train_segments", "test_accuracy")

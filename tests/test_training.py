@@ -3,6 +3,7 @@ cases and brute-force loops."""
 
 import itertools
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -191,6 +192,21 @@ def test_best_preset_reports_the_figures_of_the_model_it_returns(small_data):
     assert report["final"]["train_perplexity"] == perplexity(model, encode_stream(run, run.data.train_lm), 16, cpu)
     assert report["final"]["perplexity"] == {name: perplexity(model, encode_stream(run, text), 16, cpu)
                                              for name, text in run.data.test_lm.items()}
+
+
+@pytest.mark.parametrize("validation", [0.1, 0.0])
+def test_without_curves_the_figures_are_the_same_and_only_validation_is_scored_along_the_way(small_data, validation):
+    """curves=False (the scaling study's) changes what is scored at each evaluation, not the model or its figures."""
+    run = make_run(data_dir=small_data, device="cpu", model_flags={"n_layer": 1, "n_embd": 16, "block_size": 16})
+    settings = replace(training_config(run, "lm"), max_iters=30, eval_interval=10, batch_size=8,
+                       validation_fraction=validation, refit=False)
+    runs = [train_language_model(run, model_config(run, "lm"), settings, 1, log=lambda *a: None, patience=1 if validation else None,
+                                 train_eval_tokens=500, curves=curves) for curves in (True, False)]
+    assert runs[0].final == runs[1].final and runs[0].chosen == runs[1].chosen
+    assert all("perplexity" in row for row in runs[0].history)
+    assert not any("perplexity" in row or "train_perplexity" in row for row in runs[1].history)
+    assert [row.get("validation_perplexity") for row in runs[0].history] == [
+        row.get("validation_perplexity") for row in runs[1].history]
 
 
 @pytest.mark.parametrize("preset", [None, "best"])
