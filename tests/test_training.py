@@ -200,7 +200,8 @@ def test_without_curves_the_figures_are_the_same_and_only_validation_is_scored_a
     run = make_run(data_dir=small_data, device="cpu", model_flags={"n_layer": 1, "n_embd": 16, "block_size": 16})
     settings = replace(training_config(run, "lm"), max_iters=30, eval_interval=10, batch_size=8,
                        validation_fraction=validation, refit=False)
-    runs = [train_language_model(run, model_config(run, "lm"), settings, 1, log=lambda *a: None, patience=1 if validation else None,
+    patience = 1 if validation else None  # early stopping reads the validation split
+    runs = [train_language_model(run, model_config(run, "lm"), settings, 1, log=lambda *a: None, patience=patience,
                                  train_eval_tokens=500, curves=curves) for curves in (True, False)]
     assert runs[0].final == runs[1].final and runs[0].chosen == runs[1].chosen
     assert all("perplexity" in row for row in runs[0].history)
