@@ -368,7 +368,7 @@ def interpolated_crossovers(lm: dict) -> dict:
     return found
 
 
-PREDICT_AT = (1_624_000, 10_000_000)  # sotu-all's whole training 90%, and a corpus of ten million words
+PREDICT_AT = (1_789_361, 10_000_000)  # the word tokens of sotu-all's whole training 90% (--scaling-full), and ten million
 
 
 def fits(lm: dict) -> dict:
