@@ -209,12 +209,12 @@ def _train_slice(job: SliceJob) -> tuple[SliceJob, dict]:
             steps_per_epoch = math.ceil(len(segments.texts) * (1 - VALIDATION) / settings.batch_size)
             # the base encoder: at most --scaling-cls-steps (the reference line); the best one grown with the data:
             # its preset's epochs at every size, so its updates grow with the slice, until validation stops improving
-            epochs = (settings.epochs if job.model == GROWN_ENCODER
-                      else max(2, min(settings.epochs, math.ceil(job.steps / steps_per_epoch))))
+            grown = job.model == GROWN_ENCODER
+            epochs = settings.epochs if grown else max(2, min(settings.epochs, math.ceil(job.steps / steps_per_epoch)))
             settings = replace(settings, epochs=epochs, validation_fraction=VALIDATION, refit=False)
             config = training.model_config(sliced, "classifier", preset=job.model)
             result = training.train_classifier(sliced, config, settings, job.seed, log=quiet,
-                                               patience=CLS_PATIENCE if job.model == GROWN_ENCODER else None)
+                                               patience=CLS_PATIENCE if grown else None)
             report = {"test_accuracy": result.final["test_accuracy"], "epochs": epochs, "best_epoch": result.chosen,
                       "epochs_run": result.history[-1]["epoch"]}
         report["train_segments"] = len(held_out(segments)[0].texts)
