@@ -54,18 +54,23 @@ GROWN_FAMILY = {
 # how every member computes: the manual attention (in bf16 on the CPU, faster than torch's fused one) and the chunked
 # loss, which never holds the (B, T, 10,000) logits (1.39x the course's loss per step: bench/scaling_throughput.py)
 GROWN_MODEL = {"attention": "manual", "lm_loss": "chunked"}
+# the course base decoder keeps its model and fp32; only its loss is computed in row blocks (the same function)
+BASE_MODEL = {"lm_loss": "chunked"}
 # AdamW with warm-up and cosine decay, weight decay, bf16 autocast (evaluation stays fp32)
 GROWN_TRAINING = {"batch_size": 32, "weight_decay": 0.1, "warmup_steps": 100, "cosine_decay": True}
 GROWN_LEARNING_RATES = {64: 2e-3, 128: 2e-3, 256: 1e-3}  # by width
 GROWN_PRECISION = "bf16"
 PASSES_SMALLEST, PASSES_FEWEST, MIN_STEPS = 20, 4, 400  # the token budget: 20 passes at 32k words, down to 4
 EVALUATIONS_GROWN, PATIENCE = 12, 3  # evaluations planned per run; stop after 3 without a better validation
+# the default run's slices try w64 and w128; w256 only from 1M words on: on the 512k slice it lost to w128 on validation
+# (179.1 against 164.5) and cost 1.8x its time (docs/scaling.md)
+SMALLER_MEMBERS_UP_TO = 512_000
 GROWN_ENCODER, CLS_PATIENCE = "best", 5  # the encoder grown with the data: every epoch of its preset, patience 5 epochs
 
 
 def candidates_for(size: int | None) -> tuple[str, ...]:
-    """The family members a slice tries: the two smaller up to 256k words, the two larger above."""
-    return tuple(GROWN_FAMILY)[:2] if size is not None and size <= 256_000 else tuple(GROWN_FAMILY)[1:]
+    """The family members a slice tries: the two smaller up to SMALLER_MEMBERS_UP_TO words, the two larger above."""
+    return tuple(GROWN_FAMILY)[:2] if size is not None and size <= SMALLER_MEMBERS_UP_TO else tuple(GROWN_FAMILY)[1:]
 
 
 def budget_steps(train_tokens: int, block_size: int, batch_size: int) -> int:
@@ -186,7 +191,7 @@ def _train_slice(job: SliceJob) -> tuple[SliceJob, dict]:
         elif job.model == "grown":
             report = train_grown(sliced, job, quiet)
         else:
-            config = training.model_config(sliced, "lm", preset=job.model)
+            config = training.model_config(sliced, "lm", preset=job.model, **BASE_MODEL)
             settings = replace(training.training_config(sliced, "lm", preset=job.model), max_iters=job.steps,
                                eval_interval=max(1, job.steps // EVALUATIONS), validation_fraction=VALIDATION,
                                refit=False)
@@ -270,8 +275,8 @@ def job_file(folder: Path, job: SliceJob, settings: training.RunSettings) -> Pat
     """Where a finished point is kept: its name says the job, its digest what decides its figures (the job, the
     study's constants, the presets, and the command's model and training flags, which the decoders and encoders
     read); the code itself is not in it, so a changed study wants a fresh --out."""
-    decides = json.dumps([asdict(job), GROWN_FAMILY, GROWN_MODEL, GROWN_TRAINING, GROWN_LEARNING_RATES, GROWN_PRECISION,
-                          PASSES_SMALLEST, PASSES_FEWEST, MIN_STEPS, EVALUATIONS_GROWN, PATIENCE, EVALUATIONS,
+    decides = json.dumps([asdict(job), BASE_MODEL, GROWN_FAMILY, GROWN_MODEL, GROWN_TRAINING, GROWN_LEARNING_RATES,
+                          GROWN_PRECISION, PASSES_SMALLEST, PASSES_FEWEST, MIN_STEPS, EVALUATIONS_GROWN, PATIENCE, EVALUATIONS,
                           GROWN_ENCODER, CLS_PATIENCE, VALIDATION, SHUFFLE_SEED,
                           {name: asdict(preset) for name, preset in training.PRESETS.items()},
                           settings.model_flags, settings.training_flags, settings.precision, settings.compile],
