@@ -12,7 +12,9 @@ test addresses whole, and any paragraph that holds a test segment or test line);
   that decides it.
 - Fine-tuning (training.PRESETS["finetune"], choices on validation, `--seeds` seeds and their ensemble): the decoder
   on train_LM.txt; on train_CLS.tsv, a classifier that starts from the decoder's trunk, GPT-1 style (Radford et al.,
-  2018: the same causal trunk, mean-pooled, and a new head), and one that starts from the encoder.
+  2018: the same causal trunk, mean-pooled, and a new head), one that starts from the encoder, and a generative
+  classifier: a copy of the decoder fine-tuned on each president's segments, and Bayes' rule over their likelihoods
+  (models/class_conditional.py).
 - Like with like: Kneser-Ney (the course's trigram, and the modified 5-gram) fitted on train_LM.txt, mixed with the
   same model fitted on the pretraining text, the weight chosen on the same validation lines; naive Bayes and TF-IDF
   logistic regression on the same labelled segments (they cannot use unlabelled text).
@@ -30,7 +32,8 @@ import torch
 
 import training
 import utilities
-from dataset import TEST_LM, digest, split_lines
+from dataset import TEST_LM, WindowBatches, digest, split_lines, stratified_split
+from models.class_conditional import ClassConditionalDecoders, sequence_log_likelihoods
 from models.pretrained import Pretrained
 from runtime import corpus
 from studies import baselines, gap, improvement, pretraining
@@ -51,14 +54,22 @@ FINETUNE_PRECISION = "bf16"
 MLM_MODEL = {key: PRETRAIN_MODEL[key] for key in ("n_embd", "n_head", "n_layer", "ff_hidden", "dropout")} | {
     "feedforward": "gelu", "attention": "sdpa"}
 MLM_TRAINING = {"batch_size": 64, "learning_rate": 1e-3, "warmup_steps": 100, "weight_decay": 0.01, "precision": "bf16"}
+# the generative classifier: a decoder per class fine-tuned from the pretrained one on that class's segments, on
+# windows of 64 tokens; its steps chosen on validation accuracy. Validation also chose (seed 42, docs/transfer.md)
+# lr 3e-4 over 1e-3, dropout 0.2 over 0.1, and 300 steps over 200 (its accuracy still rose after step 200)
+GENERATIVE_MODEL = {"block_size": 64, "dropout": 0.2}
+GENERATIVE_TRAINING = {"batch_size": 16, "learning_rate": 3e-4, "weight_decay": 0.1, "warmup_steps": 10,
+                       "cosine_decay": True, "max_iters": 300, "eval_interval": 30, "precision": FINETUNE_PRECISION}
+SEGMENT_START = "."
 CACHE_FOLDER = "pretrained"  # inside --cache-dir
 STAMP = "pretraining.json"  # written last into a cached checkpoint: its key and the digests of its files
 
 
 @dataclass(frozen=True)
 class TransferJob:
-    """One piece of the study on a worker: task lm | classifier (a fine-tuning from `checkpoint`, the pretrained
-    decoder or encoder that `start` names), or count_lm (on `pretraining_ids`, the text's ids the study already has)."""
+    """One piece of the study on a worker: task lm | classifier | generative (a fine-tuning from `checkpoint`, the
+    pretrained decoder or encoder that `start` names), or count_lm (on `pretraining_ids`, the text's ids the study
+    already has)."""
 
     task: str
     seed: int = 0
@@ -186,6 +197,81 @@ def finetune_classifier(run: training.Run, pretrained: Pretrained, seed: int, lo
             "train_seconds": result.train_seconds, "num_parameters": result.num_parameters}
 
 
+def class_streams(run: training.Run, indices: list[int]) -> list[torch.Tensor]:
+    """Per class, the token stream of its training segments among `indices`, in file order."""
+    segments = run.data.train_cls
+    return [torch.tensor([token for index in indices if segments.labels[index] == label
+                          for token in run.tokenizer.encode(segments.texts[index])], dtype=torch.long)
+            for label in range(len(run.data.class_names))]
+
+
+def train_class_decoders(run: training.Run, pretrained: Pretrained, indices: list[int], seed: int, stop_after=None,
+                         validation: list[list[int]] | None = None) -> tuple[list, list[dict]]:
+    """One decoder per class, each started from the pretrained one and fine-tuned on its class's segments among
+    `indices` (GENERATIVE_TRAINING's schedule, its first `stop_after` steps); with `validation` rows, each
+    evaluation records every row's log-likelihood under the class's decoder. Returns the decoders and, per class,
+    {step: (N,) log-likelihoods}."""
+    config = pretrained.config_for("lm", training.model_config(run, "lm", preset="finetune", **GENERATIVE_MODEL))
+    settings = replace(training.training_config(run, "lm", preset="finetune"), **GENERATIVE_TRAINING,
+                       stop_after=stop_after, validation_fraction=0.0, refit=False).validate()
+    decoders, scored = [], []
+    for label, stream in enumerate(class_streams(run, indices)):
+        torch.manual_seed(seed + label)
+        decoder = pretrained.builder("lm")(config).to(run.device)
+        batches = WindowBatches(stream, config.block_size, settings.batch_size, torch.Generator().manual_seed(seed + label))
+        found = {}
+
+        def evaluate(step, recent, decoder=decoder, found=found):  # no validation_score: the choice is made jointly below
+            if validation is not None:
+                found[step] = sequence_log_likelihoods(decoder, validation, start_id(run), run.device)
+                decoder.train()
+            return {"iteration": step, "train_loss": sum(loss for loss, _, _ in recent) / len(recent)}
+
+        training.fit(decoder, batches, settings.max_iters, settings.eval_interval, evaluate, settings, run.device,
+                     count_correct=False, stop_after=stop_after)
+        decoders.append(decoder)
+        scored.append(found)
+    return decoders, scored
+
+
+def finetune_generative(run: training.Run, pretrained: Pretrained, seed: int, log) -> dict:
+    """A classifier by Bayes' rule over one fine-tuned decoder per class (models/class_conditional.py): the number
+    of fine-tuning steps chosen by the accuracy of that rule on the validation segments (the split the other
+    classifiers use), then every decoder refitted on all of its class's segments for that many steps."""
+    started = time.perf_counter()
+    segments = run.data.train_cls
+    fraction = training.training_config(run, "classifier", preset="finetune").validation_fraction
+    kept, held_out = stratified_split(segments.labels, fraction, seed=0)
+    rows = [run.tokenizer.encode(segments.texts[index]) for index in held_out.tolist()]
+    labels = torch.tensor(segments.labels)[held_out]
+    _, scored = train_class_decoders(run, pretrained, kept.tolist(), seed, validation=rows)
+    prior = class_prior(segments.labels, kept.tolist(), len(run.data.class_names))
+    curve = []
+    for step in scored[0]:
+        joint = torch.stack([found[step] for found in scored], 1) + prior.log()  # (N, C)
+        curve.append({"iteration": step, "validation_accuracy": 100.0 * (joint.argmax(1) == labels).double().mean().item()})
+    chosen = max(curve, key=lambda row: (row["validation_accuracy"], -row["iteration"]))["iteration"]
+    decoders, _ = train_class_decoders(run, pretrained, list(range(len(segments.texts))), seed, stop_after=chosen)
+    model = ClassConditionalDecoders(decoders, class_prior(segments.labels, range(len(segments.texts)),
+                                                           len(run.data.class_names)), start_id(run))
+    probabilities = model.probabilities([run.tokenizer.encode(text) for text in run.data.test_cls.texts], run.device)
+    return {**training.classifier_report(run, probabilities), "chosen": chosen, "selection": curve,
+            "probabilities": probabilities.tolist(), "train_seconds": time.perf_counter() - started,
+            "num_parameters": sum(training.count_parameters(decoder) for decoder in decoders)}
+
+
+def start_id(run: training.Run) -> int:
+    """The token every segment is scored after: the end of the sentence before it (most segments end with one too,
+    so in a class's training stream this token is what precedes a segment)."""
+    return run.tokenizer.encode(SEGMENT_START)[-1]
+
+
+def class_prior(labels: list[int], indices, classes: int) -> torch.Tensor:
+    """The share of each class among the segments `indices`: (C,) float64."""
+    counts = torch.bincount(torch.tensor([labels[index] for index in indices]), minlength=classes).double()
+    return counts / counts.sum()
+
+
 COUNT_MODELS = {"kneser_ney": baselines.KneserNeyTrigram, "kneser_ney_5": partial(baselines.ModifiedKneserNey, order=5)}
 
 
@@ -233,7 +319,7 @@ def _run_job(job: TransferJob) -> tuple[TransferJob, dict]:
     if job.task == "count_lm":
         report = count_language_models(run, job.pretraining_ids)
     else:
-        work = finetune_lm if job.task == "lm" else finetune_classifier
+        work = {"lm": finetune_lm, "classifier": finetune_classifier, "generative": finetune_generative}[job.task]
         report = work(run, Pretrained(Path(job.checkpoint)), job.seed, quiet)
     report["seconds"] = time.perf_counter() - started
     return job, report
@@ -301,10 +387,12 @@ def study(run: training.Run, context: Context, log=print) -> tuple[dict, list[st
     seeds = [context.seed + offset for offset in range(context.seeds)]
     jobs = [TransferJob("count_lm", pretraining_ids=ids),
             *(TransferJob("lm", seed, str(checkpoints["decoder"])) for seed in seeds),
-            *(TransferJob("classifier", seed, str(checkpoints[start]), start) for start in checkpoints for seed in seeds)]
+            *(TransferJob("classifier", seed, str(checkpoints[start]), start) for start in checkpoints for seed in seeds),
+            *(TransferJob("generative", seed, str(checkpoints["decoder"])) for seed in seeds)]
     log(f"transfer: {len(jobs) - 1} fine-tunings and the count models on {context.workers} workers")
     lm, classifier = {}, {}
-    finished = {("lm", "decoder"): [], ("classifier", "decoder"): [], ("classifier", "encoder"): []}
+    finished = {("lm", "decoder"): [], ("classifier", "decoder"): [], ("classifier", "encoder"): [],
+                ("generative", "decoder"): []}
     for job, report in map_jobs(run.settings, jobs, context.workers, _run_job):
         if job.task == "count_lm":
             log(f"  count models: {report.pop('seconds'):.0f} s")
@@ -330,6 +418,8 @@ def study(run: training.Run, context: Context, log=print) -> tuple[dict, list[st
         run, finished["classifier", "decoder"], pretraining["tokens"])
     classifier["MLM-pretrained encoder, fine-tuned"] = summarise_classifier(
         run, finished["classifier", "encoder"], pretraining["tokens"])
+    classifier["pretrained decoder, fine-tuned per president (Bayes' rule)"] = summarise_classifier(
+        run, finished["generative", "decoder"], pretraining["tokens"])
     targets = {name: len(stream) - 1 for name, stream in test_streams(run).items()}
     for row in lm.values():  # a spread's pooled figure is that of its files' means
         row["pooled_perplexity"] = pooled_perplexity({k: _mean(v) for k, v in row["perplexity"].items()}, targets)

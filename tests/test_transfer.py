@@ -12,7 +12,7 @@ import torch
 import main
 import training
 import utilities
-from dataset import WindowBatches, split_lines
+from dataset import LabelledSegments, WindowBatches, split_lines
 from models.pretrained import Pretrained
 from runtime import corpus
 from studies import baselines, transfer
@@ -206,6 +206,23 @@ def test_the_ensemble_perplexity_mixes_the_members_probabilities():
     assert transfer.ensemble_perplexity(nlls)["a"] == pytest.approx(expected, rel=1e-12)
 
 
+def test_the_generative_classifier_chooses_its_steps_on_validation_only(tiny_run, saved_decoder, monkeypatch):
+    monkeypatch.setattr(transfer, "GENERATIVE_MODEL", {"block_size": 16, "dropout": 0.0})
+    monkeypatch.setattr(transfer, "GENERATIVE_TRAINING", {**transfer.GENERATIVE_TRAINING, "batch_size": 4,
+                                                          "max_iters": 6, "eval_interval": 2, "warmup_steps": 1,
+                                                          "precision": "fp32"})
+    pretrained = Pretrained(saved_decoder[0])
+    found = transfer.finetune_generative(tiny_run, pretrained, 0, QUIET)
+    assert [row["iteration"] for row in found["selection"]] == [2, 4, 6]
+    best = max(row["validation_accuracy"] for row in found["selection"])
+    assert found["chosen"] == min(row["iteration"] for row in found["selection"] if row["validation_accuracy"] == best)
+    assert torch.tensor(found["probabilities"]).sum(1).allclose(torch.ones(len(tiny_run.data.test_cls.texts)))
+    test = tiny_run.data.test_cls
+    moved = replace(tiny_run, data=replace(tiny_run.data, test_cls=LabelledSegments(test.texts[::-1], test.labels[::-1])))
+    again = transfer.finetune_generative(moved, pretrained, 0, QUIET)
+    assert again["selection"] == found["selection"] and again["chosen"] == found["chosen"]
+
+
 # ---------------------------------------------------------------- the cache and the study
 
 
@@ -218,6 +235,9 @@ def tiny_study(monkeypatch, tiny_run, tmp_path):
     monkeypatch.setattr(transfer, "MLM_MODEL", {**TINY_DECODER, "block_size": 32, "attention": "sdpa"})
     monkeypatch.setattr(transfer, "MLM_TRAINING", {**transfer.MLM_TRAINING, "batch_size": 8, "warmup_steps": 2,
                                                    "precision": "fp32"})
+    monkeypatch.setattr(transfer, "GENERATIVE_MODEL", {"block_size": 16, "dropout": 0.0})
+    monkeypatch.setattr(transfer, "GENERATIVE_TRAINING", {**transfer.GENERATIVE_TRAINING, "batch_size": 4, "max_iters": 4,
+                                                          "eval_interval": 2, "warmup_steps": 1, "precision": "fp32"})
     addresses = corpus.read_addresses()[-4:]
     monkeypatch.setattr(corpus, "read_addresses", lambda: addresses)
     return replace(tiny_run, settings=replace(tiny_run.settings, cache_dir=tmp_path / "cache", out=tmp_path / "out"))
@@ -249,7 +269,10 @@ def test_a_tiny_transfer_study_end_to_end(tiny_study):
             "kneser_ney_5 (train_LM.txt, mixed with sotu)", "pretrained decoder, not fine-tuned",
             "pretrained decoder, fine-tuned"} == set(results["lm"])
     assert {"naive_bayes", "tfidf_logreg", "pretrained decoder, fine-tuned as a classifier",
-            "MLM-pretrained encoder, fine-tuned"} == set(results["classifier"])
+            "MLM-pretrained encoder, fine-tuned",
+            "pretrained decoder, fine-tuned per president (Bayes' rule)"} == set(results["classifier"])
+    generative = results["classifier"]["pretrained decoder, fine-tuned per president (Bayes' rule)"]
+    assert set(generative["chosen"]) <= {2, 4} and generative["seeds"] == 2  # an evaluation step of each seed's run
     encoder = Pretrained(results["checkpoints"]["encoder"])  # bidirectional, one row more for [MASK]
     assert encoder.kind == "classifier" and not encoder.config.causal
     assert encoder.config.vocab_size == tiny_study.tokenizer.vocab_size + 1
