@@ -55,8 +55,8 @@ MLM_MODEL = {key: PRETRAIN_MODEL[key] for key in ("n_embd", "n_head", "n_layer",
     "feedforward": "gelu", "attention": "sdpa"}
 MLM_TRAINING = {"batch_size": 64, "learning_rate": 1e-3, "warmup_steps": 100, "weight_decay": 0.01, "precision": "bf16"}
 # the generative classifier: a decoder per class fine-tuned from the pretrained one on that class's segments, on
-# windows of 64 tokens; its steps chosen on validation accuracy. Validation also chose (seed 42, docs/transfer.md)
-# lr 3e-4 over 1e-3, dropout 0.2 over 0.1, and 300 steps over 200 (its accuracy still rose after step 200)
+# windows of 64 tokens, at the fine-tuning preset's lr; its steps chosen on validation accuracy. Validation also chose
+# (seed 42, docs/transfer.md) dropout 0.2 over 0.1, and 300 steps over 200 (its accuracy still rose after step 200)
 GENERATIVE_MODEL = {"block_size": 64, "dropout": 0.2}
 GENERATIVE_TRAINING = {"batch_size": 16, "learning_rate": 3e-4, "weight_decay": 0.1, "warmup_steps": 10,
                        "cosine_decay": True, "max_iters": 300, "eval_interval": 30, "precision": FINETUNE_PRECISION}
