@@ -52,7 +52,7 @@ GROWN_FAMILY = {
     "w256-l4-c128": {"n_embd": 256, "n_head": 4, "n_layer": 4, "block_size": 128, "ff_hidden": 1024, "dropout": 0.1},
 }
 # how every member computes: the manual attention (in bf16 on the CPU, faster than torch's fused one) and the chunked
-# loss, which never holds the (B, T, 10,000) logits (1.39x the course's loss per step: bench/scaling_throughput.py)
+# loss, which never holds the (B, T, 10,000) logits (1.89x the course's loss in bf16 here: bench/scaling_throughput.py)
 GROWN_MODEL = {"attention": "manual", "lm_loss": "chunked"}
 # the course base decoder keeps its model and fp32; only its loss is computed in row blocks (the same function)
 BASE_MODEL = {"lm_loss": "chunked"}
