@@ -209,8 +209,9 @@ def train_class_decoders(run: training.Run, pretrained: Pretrained, indices: lis
                          validation: list[list[int]] | None = None) -> tuple[list, list[dict]]:
     """One decoder per class, each started from the pretrained one and fine-tuned on its class's segments among
     `indices` (GENERATIVE_TRAINING's schedule, its first `stop_after` steps); with `validation` rows, each
-    evaluation records every row's log-likelihood under the class's decoder. Returns the decoders and, per class,
-    {step: (N,) log-likelihoods}."""
+    evaluation records every row's log-likelihood under the class's decoder. A class with fewer tokens than a window
+    trains on shorter windows; one with no segments keeps the pretrained decoder (its prior is 0). Returns the
+    decoders and, per class, {step: (N,) log-likelihoods}."""
     config = pretrained.config_for("lm", training.model_config(run, "lm", preset="finetune", **GENERATIVE_MODEL))
     settings = replace(training.training_config(run, "lm", preset="finetune"), **GENERATIVE_TRAINING,
                        stop_after=stop_after, validation_fraction=0.0, refit=False).validate()
@@ -218,8 +219,13 @@ def train_class_decoders(run: training.Run, pretrained: Pretrained, indices: lis
     for label, stream in enumerate(class_streams(run, indices)):
         torch.manual_seed(seed + label)
         decoder = pretrained.builder("lm")(config).to(run.device)
-        batches = WindowBatches(stream, config.block_size, settings.batch_size, torch.Generator().manual_seed(seed + label))
         found = {}
+        window = min(config.block_size, len(stream) - 1)
+        if window < 1:
+            decoders.append(decoder)
+            scored.append(found)
+            continue
+        batches = WindowBatches(stream, window, settings.batch_size, torch.Generator().manual_seed(seed + label))
 
         def evaluate(step, recent, decoder=decoder, found=found):  # no validation_score: the choice is made jointly below
             if validation is not None:
@@ -231,6 +237,11 @@ def train_class_decoders(run: training.Run, pretrained: Pretrained, indices: lis
                      count_correct=False, stop_after=stop_after)
         decoders.append(decoder)
         scored.append(found)
+    steps = sorted(set().union(*scored))
+    for decoder, found in zip(decoders, scored):
+        if validation is not None and not found:  # not fine-tuned: the same likelihoods at every step
+            unchanged = sequence_log_likelihoods(decoder, validation, start_id(run), run.device)
+            found.update({step: unchanged for step in steps})
     return decoders, scored
 
 

@@ -206,12 +206,18 @@ def test_the_ensemble_perplexity_mixes_the_members_probabilities():
     assert transfer.ensemble_perplexity(nlls)["a"] == pytest.approx(expected, rel=1e-12)
 
 
-def test_the_generative_classifier_chooses_its_steps_on_validation_only(tiny_run, saved_decoder, monkeypatch):
+@pytest.fixture
+def tiny_generative(monkeypatch, saved_decoder):
+    """The generative classifier's settings at toy size; the saved tiny decoder."""
     monkeypatch.setattr(transfer, "GENERATIVE_MODEL", {"block_size": 16, "dropout": 0.0})
     monkeypatch.setattr(transfer, "GENERATIVE_TRAINING", {**transfer.GENERATIVE_TRAINING, "batch_size": 4,
                                                           "max_iters": 6, "eval_interval": 2, "warmup_steps": 1,
                                                           "precision": "fp32"})
-    pretrained = Pretrained(saved_decoder[0])
+    return Pretrained(saved_decoder[0])
+
+
+def test_the_generative_classifier_chooses_its_steps_on_validation_only(tiny_run, tiny_generative):
+    pretrained = tiny_generative
     found = transfer.finetune_generative(tiny_run, pretrained, 0, QUIET)
     assert [row["iteration"] for row in found["selection"]] == [2, 4, 6]
     best = max(row["validation_accuracy"] for row in found["selection"])
@@ -221,6 +227,16 @@ def test_the_generative_classifier_chooses_its_steps_on_validation_only(tiny_run
     moved = replace(tiny_run, data=replace(tiny_run.data, test_cls=LabelledSegments(test.texts[::-1], test.labels[::-1])))
     again = transfer.finetune_generative(moved, pretrained, 0, QUIET)
     assert again["selection"] == found["selection"] and again["chosen"] == found["chosen"]
+
+
+def test_a_class_without_training_segments_is_never_predicted(tiny_run, tiny_generative):
+    segments = tiny_run.data.train_cls
+    kept = [index for index, label in enumerate(segments.labels) if label != 2]
+    without = LabelledSegments([segments.texts[i] for i in kept], [segments.labels[i] for i in kept])
+    run = replace(tiny_run, data=replace(tiny_run.data, train_cls=without))
+    found = transfer.finetune_generative(run, tiny_generative, 0, QUIET)
+    assert torch.tensor(found["probabilities"])[:, 2].max().item() == 0.0  # its prior is 0
+    assert len(found["selection"]) == 3
 
 
 # ---------------------------------------------------------------- the cache and the study
