@@ -60,7 +60,7 @@ MLM_TRAINING = {"batch_size": 64, "learning_rate": 1e-3, "warmup_steps": 100, "w
 GENERATIVE_MODEL = {"block_size": 64, "dropout": 0.2}
 GENERATIVE_TRAINING = {"batch_size": 16, "learning_rate": 3e-4, "weight_decay": 0.1, "warmup_steps": 10,
                        "cosine_decay": True, "max_iters": 300, "eval_interval": 30, "precision": FINETUNE_PRECISION}
-SEGMENT_START = "."
+SEGMENT_START = "."  # what every segment is scored after (start_id): the end of the sentence before it
 CACHE_FOLDER = "pretrained"  # inside --cache-dir
 STAMP = "pretraining.json"  # written last into a cached checkpoint: its key and the digests of its files
 
