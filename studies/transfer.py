@@ -197,26 +197,25 @@ def finetune_classifier(run: training.Run, pretrained: Pretrained, seed: int, lo
             "train_seconds": result.train_seconds, "num_parameters": result.num_parameters}
 
 
-def class_streams(run: training.Run, indices: list[int]) -> list[torch.Tensor]:
-    """Per class, the token stream of its training segments among `indices`, in file order."""
-    segments = run.data.train_cls
-    return [torch.tensor([token for index in indices if segments.labels[index] == label
-                          for token in run.tokenizer.encode(segments.texts[index])], dtype=torch.long)
-            for label in range(len(run.data.class_names))]
+def class_streams(encoded: list[list[int]], labels: list[int], indices: list[int], classes: int) -> list[torch.Tensor]:
+    """Per class, the token stream of its training segments (token ids `encoded`) among `indices`, in file order."""
+    return [torch.tensor([token for index in indices if labels[index] == label for token in encoded[index]],
+                         dtype=torch.long) for label in range(classes)]
 
 
-def train_class_decoders(run: training.Run, pretrained: Pretrained, indices: list[int], seed: int, stop_after=None,
-                         validation: list[list[int]] | None = None) -> tuple[list, list[dict]]:
+def train_class_decoders(run: training.Run, pretrained: Pretrained, encoded: list[list[int]], indices: list[int],
+                         seed: int, stop_after=None, validation: list[list[int]] | None = None) -> tuple[list, list[dict]]:
     """One decoder per class, each started from the pretrained one and fine-tuned on its class's segments among
-    `indices` (GENERATIVE_TRAINING's schedule, its first `stop_after` steps); with `validation` rows, each
-    evaluation records every row's log-likelihood under the class's decoder. A class with fewer tokens than a window
-    trains on shorter windows; one with no segments keeps the pretrained decoder (its prior is 0). Returns the
-    decoders and, per class, {step: (N,) log-likelihoods}."""
+    `indices` (`encoded`: the token ids of every train_CLS segment), on GENERATIVE_TRAINING's schedule (its first
+    `stop_after` steps); with `validation` rows, each evaluation records every row's log-likelihood under the
+    class's decoder. A class with fewer tokens than a window trains on shorter windows; one with no segments keeps
+    the pretrained decoder (its prior is 0). Returns the decoders and, per class, {step: (N,) log-likelihoods}."""
     config = pretrained.config_for("lm", training.model_config(run, "lm", preset="finetune", **GENERATIVE_MODEL))
     settings = replace(training.training_config(run, "lm", preset="finetune"), **GENERATIVE_TRAINING,
                        stop_after=stop_after, validation_fraction=0.0, refit=False).validate()
-    decoders, scored = [], []
-    for label, stream in enumerate(class_streams(run, indices)):
+    decoders, scored, start = [], [], start_id(run)
+    streams = class_streams(encoded, run.data.train_cls.labels, indices, len(run.data.class_names))
+    for label, stream in enumerate(streams):
         torch.manual_seed(seed + label)
         decoder = pretrained.builder("lm")(config).to(run.device)
         found = {}
@@ -229,7 +228,7 @@ def train_class_decoders(run: training.Run, pretrained: Pretrained, indices: lis
 
         def evaluate(step, recent, decoder=decoder, found=found):  # no validation_score: the choice is made jointly below
             if validation is not None:
-                found[step] = sequence_log_likelihoods(decoder, validation, start_id(run), run.device)
+                found[step] = sequence_log_likelihoods(decoder, validation, start, run.device)
                 decoder.train()
             return {"iteration": step, "train_loss": sum(loss for loss, _, _ in recent) / len(recent)}
 
@@ -240,7 +239,7 @@ def train_class_decoders(run: training.Run, pretrained: Pretrained, indices: lis
     steps = sorted(set().union(*scored))
     for decoder, found in zip(decoders, scored):
         if validation is not None and not found:  # not fine-tuned: the same likelihoods at every step
-            unchanged = sequence_log_likelihoods(decoder, validation, start_id(run), run.device)
+            unchanged = sequence_log_likelihoods(decoder, validation, start, run.device)
             found.update({step: unchanged for step in steps})
     return decoders, scored
 
@@ -253,16 +252,17 @@ def finetune_generative(run: training.Run, pretrained: Pretrained, seed: int, lo
     segments = run.data.train_cls
     fraction = training.training_config(run, "classifier", preset="finetune").validation_fraction
     kept, held_out = stratified_split(segments.labels, fraction, seed=0)
-    rows = [run.tokenizer.encode(segments.texts[index]) for index in held_out.tolist()]
+    encoded = [run.tokenizer.encode(text) for text in segments.texts]
     labels = torch.tensor(segments.labels)[held_out]
-    _, scored = train_class_decoders(run, pretrained, kept.tolist(), seed, validation=rows)
+    _, scored = train_class_decoders(run, pretrained, encoded, kept.tolist(), seed,
+                                     validation=[encoded[index] for index in held_out.tolist()])
     prior = class_prior(segments.labels, kept.tolist(), len(run.data.class_names))
     curve = []
     for step in scored[0]:
         joint = torch.stack([found[step] for found in scored], 1) + prior.log()  # (N, C)
         curve.append({"iteration": step, "validation_accuracy": 100.0 * (joint.argmax(1) == labels).double().mean().item()})
     chosen = max(curve, key=lambda row: (row["validation_accuracy"], -row["iteration"]))["iteration"]
-    decoders, _ = train_class_decoders(run, pretrained, list(range(len(segments.texts))), seed, stop_after=chosen)
+    decoders, _ = train_class_decoders(run, pretrained, encoded, list(range(len(encoded))), seed, stop_after=chosen)
     model = ClassConditionalDecoders(decoders, class_prior(segments.labels, range(len(segments.texts)),
                                                            len(run.data.class_names)), start_id(run))
     probabilities = model.probabilities([run.tokenizer.encode(text) for text in run.data.test_cls.texts], run.device)
