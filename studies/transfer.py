@@ -37,15 +37,16 @@ from models.class_conditional import ClassConditionalDecoders, sequence_log_like
 from models.pretrained import Pretrained
 from runtime import corpus
 from studies import baselines, gap, improvement, pretraining
-from studies.scaling import GROWN_FAMILY, pooled_perplexity
+from studies.scaling import GROWN_FAMILY, GROWN_MODEL, pooled_perplexity
 from studies.study import Context, Option, Study
 from studies.workers import cell, map_jobs, spread, worker_run
 from tokenizer import UNK_ID
 from transformer import TransformerClassifier
 
 # the decoder: the scaling study's choice on its 128k and 256k slices (width 128, 4 layers, context 128), less dropout for
-# 2M words; AdamW with warm-up and cosine decay, bf16 autocast, torch's fused attention
-PRETRAIN_MODEL = {**GROWN_FAMILY["w128-l4-c128"], "dropout": 0.1}
+# 2M words, computed as the scaling study's decoders are (the manual attention and the chunked loss: 1.45x torch's fused
+# attention with the course's loss in bf16, bench/scaling_throughput.py); AdamW with warm-up and cosine decay, bf16 autocast
+PRETRAIN_MODEL = {**GROWN_FAMILY["w128-l4-c128"], "dropout": 0.1, **GROWN_MODEL}
 PRETRAIN_TRAINING = {"batch_size": 32, "learning_rate": 2e-3, "weight_decay": 0.1, "warmup_steps": 100,
                      "cosine_decay": True, "validation_fraction": 0.01, "refit": False, "precision": "bf16"}
 PRETRAIN_EVALUATIONS = 10  # evaluations along the pretraining: its validation curve and the course figures unseen
@@ -83,7 +84,7 @@ class TransferJob:
 
 def pretraining_settings(run: training.Run, steps: int) -> tuple:
     """The pretrained decoder's config and training (the best preset's decoder with PRETRAIN_MODEL's sizes)."""
-    config = training.model_config(run, "lm", preset="best", **PRETRAIN_MODEL, attention="sdpa")
+    config = training.model_config(run, "lm", preset="best", **PRETRAIN_MODEL)
     settings = replace(training.training_config(run, "lm", preset="best"), **PRETRAIN_TRAINING, max_iters=steps,
                        eval_interval=max(1, steps // PRETRAIN_EVALUATIONS))
     return config, settings.validate()
@@ -203,6 +204,12 @@ def class_streams(encoded: list[list[int]], labels: list[int], indices: list[int
                          dtype=torch.long) for label in range(classes)]
 
 
+def generative_config(run: training.Run, pretrained: Pretrained):
+    """Each class decoder's config: the pretrained decoder's, at GENERATIVE_MODEL's context and dropout
+    (ValueError if the checkpoint cannot start it)."""
+    return pretrained.config_for("lm", training.model_config(run, "lm", preset="finetune", **GENERATIVE_MODEL))
+
+
 def train_class_decoders(run: training.Run, pretrained: Pretrained, encoded: list[list[int]], indices: list[int],
                          seed: int, stop_after=None, validation: list[list[int]] | None = None) -> tuple[list, list[dict]]:
     """One decoder per class, each started from the pretrained one and fine-tuned on its class's segments among
@@ -210,7 +217,7 @@ def train_class_decoders(run: training.Run, pretrained: Pretrained, encoded: lis
     `stop_after` steps); with `validation` rows, each evaluation records every row's log-likelihood under the
     class's decoder. A class with fewer tokens than a window trains on shorter windows; one with no segments keeps
     the pretrained decoder (its prior is 0). Returns the decoders and, per class, {step: (N,) log-likelihoods}."""
-    config = pretrained.config_for("lm", training.model_config(run, "lm", preset="finetune", **GENERATIVE_MODEL))
+    config = generative_config(run, pretrained)
     settings = replace(training.training_config(run, "lm", preset="finetune"), **GENERATIVE_TRAINING,
                        stop_after=stop_after, validation_fraction=0.0, refit=False).validate()
     decoders, scored, start = [], [], start_id(run)
@@ -244,31 +251,39 @@ def train_class_decoders(run: training.Run, pretrained: Pretrained, encoded: lis
     return decoders, scored
 
 
-def finetune_generative(run: training.Run, pretrained: Pretrained, seed: int, log) -> dict:
+def generative_classifier(run: training.Run, pretrained: Pretrained, seed: int) -> tuple[ClassConditionalDecoders, dict]:
     """A classifier by Bayes' rule over one fine-tuned decoder per class (models/class_conditional.py): the number
     of fine-tuning steps chosen by the accuracy of that rule on the validation segments (the split the other
-    classifiers use), then every decoder refitted on all of its class's segments for that many steps."""
-    started = time.perf_counter()
-    segments = run.data.train_cls
+    classifiers use), then every decoder refitted on all of its class's segments for that many steps. Returns the
+    model and {"chosen": steps, "selection": the validation curve}."""
+    segments, classes = run.data.train_cls, len(run.data.class_names)
     fraction = training.training_config(run, "classifier", preset="finetune").validation_fraction
     kept, held_out = stratified_split(segments.labels, fraction, seed=0)
     encoded = [run.tokenizer.encode(text) for text in segments.texts]
     labels = torch.tensor(segments.labels)[held_out]
     _, scored = train_class_decoders(run, pretrained, encoded, kept.tolist(), seed,
                                      validation=[encoded[index] for index in held_out.tolist()])
-    prior = class_prior(segments.labels, kept.tolist(), len(run.data.class_names))
+    prior = class_prior(segments.labels, kept.tolist(), classes)
     curve = []
     for step in scored[0]:
         joint = torch.stack([found[step] for found in scored], 1) + prior.log()  # (N, C)
         curve.append({"iteration": step, "validation_accuracy": 100.0 * (joint.argmax(1) == labels).double().mean().item()})
     chosen = max(curve, key=lambda row: (row["validation_accuracy"], -row["iteration"]))["iteration"]
     decoders, _ = train_class_decoders(run, pretrained, encoded, list(range(len(encoded))), seed, stop_after=chosen)
-    model = ClassConditionalDecoders(decoders, class_prior(segments.labels, range(len(segments.texts)),
-                                                           len(run.data.class_names)), start_id(run))
+    model = ClassConditionalDecoders(decoders, class_prior(segments.labels, range(len(segments.texts)), classes),
+                                     start_id(run))
+    return model, {"chosen": chosen, "selection": curve}
+
+
+def finetune_generative(run: training.Run, pretrained: Pretrained, seed: int, log) -> dict:
+    """The generative classifier (generative_classifier) fitted and scored on test_CLS: its figures and test
+    probabilities (for the ensemble)."""
+    started = time.perf_counter()
+    model, chosen = generative_classifier(run, pretrained, seed)
     probabilities = model.probabilities([run.tokenizer.encode(text) for text in run.data.test_cls.texts], run.device)
-    return {**training.classifier_report(run, probabilities), "chosen": chosen, "selection": curve,
-            "probabilities": probabilities.tolist(), "train_seconds": time.perf_counter() - started,
-            "num_parameters": sum(training.count_parameters(decoder) for decoder in decoders)}
+    return {**training.classifier_report(run, probabilities), **chosen, "probabilities": probabilities.tolist(),
+            "train_seconds": time.perf_counter() - started,
+            "num_parameters": sum(training.count_parameters(decoder) for decoder in model.decoders)}
 
 
 def start_id(run: training.Run) -> int:
