@@ -9,6 +9,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 import training
 import utilities
 from dataset import TEST_LM, DataError, audit, format_audit, read_labelled_segments, read_text
@@ -101,6 +103,8 @@ def start_from(run: Run, args, task: str):
         return config, None
     pretrained = Pretrained(args.init_from)
     pretrained.check(run.tokenizer.to_json(), task)
+    if args.generative:  # each class's decoder, at the generative classifier's context
+        return transfer.generative_config(run, pretrained), pretrained.builder(task)
     return pretrained.config_for(task, config), pretrained.builder(task)
 
 
@@ -120,17 +124,42 @@ def train_part(run: Run, args, part: str, task: str) -> tuple[training.TrainResu
     return trained, result, failures
 
 
-def part_one(run: Run, args) -> tuple[dict, list[str]]:
-    """Encoder + classifier: per-epoch table, final, seen and unseen test accuracy."""
-    trained, result, failures = train_part(run, args, "one", "classifier")
-    model, final = trained.model, trained.final
-    print(f"parameters: {trained.num_parameters:,}   vocabulary: {run.tokenizer.vocab_size:,}")
+def print_accuracies(final: dict, extra: dict):
+    """Part one's test accuracy line, by split, and the --extra-test accuracies."""
     # a split with no segments (the stand-in's test addresses share none with training) is left out of the line
     splits = [f"{what} ({final[f'num_test_{split}']}): {final[f'test_accuracy_{split}']:.2f}%"
               for split, what in TEST_SPLITS if final[f"num_test_{split}"]]
     print(f"test accuracy: {final['test_accuracy']:.2f}%   " + "   ".join(splits))
-    for name, value in result["extra"].items():
+    for name, value in extra.items():
         print(f"accuracy on {name}: {value:.2f}%")
+
+
+def part_one_generative(run: Run, args) -> tuple[dict, list[str]]:
+    """--generative: the pretrained decoder fine-tuned on each class's segments, and Bayes' rule over them (the
+    transfer study's generative classifier, with its settings); the choice of steps, the test accuracy by split."""
+    model, chosen = transfer.generative_classifier(run, Pretrained(args.init_from), args.seed)
+    print(f"fine-tuned from {args.init_from}: one decoder per class, {chosen['chosen']} steps each (chosen on validation)")
+    final = training.classifier_report(run, model.probabilities(
+        [run.tokenizer.encode(text) for text in run.data.test_cls.texts], run.device))
+    extra = {name: accuracy(model.probabilities([run.tokenizer.encode(text) for text in segments.texts], run.device),
+                            torch.tensor(segments.labels)) for name, segments in run.extra_tests.items()}
+    parameters = sum(training.count_parameters(decoder) for decoder in model.decoders)
+    print(f"parameters: {parameters:,}   vocabulary: {run.tokenizer.vocab_size:,}")
+    print_accuracies(final, extra)
+    failures = [failure for label, decoder in enumerate(model.decoders)
+                for failure in check_attention(run, decoder, True, f"part1_generative_{label}")]
+    return {"vocab_size": run.tokenizer.vocab_size, "num_parameters": parameters, "final": final, **chosen,
+            "extra": extra}, failures
+
+
+def part_one(run: Run, args) -> tuple[dict, list[str]]:
+    """Encoder + classifier: per-epoch table, final, seen and unseen test accuracy."""
+    if args.generative:
+        return part_one_generative(run, args)
+    trained, result, failures = train_part(run, args, "one", "classifier")
+    model, final = trained.model, trained.final
+    print(f"parameters: {trained.num_parameters:,}   vocabulary: {run.tokenizer.vocab_size:,}")
+    print_accuracies(final, result["extra"])
     if run.settings.plots:
         epochs = [row["epoch"] for row in trained.history]
         utilities.plot_curves({name: (epochs, [row[key] for row in trained.history])
@@ -285,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
                         help="parts one and two: start from a pretrained checkpoint (--transfer's, or a --save'd decoder); "
                              "--preset finetune is the fine-tuning the transfer study uses")
+    parser.add_argument("--generative", action="store_true",
+                        help="part one with --init-from a decoder: fine-tune a copy on each class's segments and classify "
+                             "by Bayes' rule over their likelihoods (the transfer study's generative classifier)")
     studies = parser.add_argument_group("part three's studies (each runs after the ALiBi comparison)")
     for study in STUDIES:
         studies.add_argument(f"--{study.flag}", action="store_true", help=study.help)
@@ -345,6 +377,11 @@ def check_options(parser: argparse.ArgumentParser, args):
     if args.part == "three" and (args.checkpoint_every or args.resume or args.init_from
                                  or data_parallel.launched_by_torchrun()):
         raise ValueError("checkpoints, --resume, --init-from and torchrun apply to parts one and two")
+    if args.generative and (args.part != "one" or args.init_from is None):
+        raise ValueError("--generative applies to part one with --init-from a pretrained decoder")
+    if args.generative and (args.save or args.checkpoint_every or args.resume or data_parallel.launched_by_torchrun()):
+        raise ValueError("--generative trains one decoder per class in this process: --save, checkpoints, --resume "
+                         "and torchrun apply to a single model")
     if args.part == "three" and (args.transfer or args.instruct) and args.tokenizer != "word":
         raise ValueError(f"--{'transfer' if args.transfer else 'instruct'} pretrains in the course's word vocabulary: "
                          "use --tokenizer word")
@@ -370,7 +407,7 @@ def main(argv=None) -> int:
         run = training.build_run(run_settings(args))
         run.extra_tests = read_extra_tests(run, args.part, args.extra_test)
         if args.init_from is not None:  # a checkpoint that does not fit is refused before any training
-            start_from(run, args, "classifier" if args.part == "one" else "lm")
+            start_from(run, args, "classifier" if args.part == "one" and not args.generative else "lm")
         if data_parallel.launched_by_torchrun():
             parallel, device = data_parallel.start(run.device)
             # processes other than 0 write no plots or heatmaps

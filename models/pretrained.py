@@ -38,7 +38,8 @@ class Pretrained:
             raise ValueError(f"{self.directory}: its tokenizer.json is not this run's vocabulary (pretrain with the same "
                              "data and --tokenizer, or fine-tune on the data it was built from)")
         if task == "lm" and self.kind != "lm":
-            raise ValueError(f"{self.directory}: holds a classifier; --part two starts only from a decoder (model 'lm')")
+            raise ValueError(f"{self.directory}: holds a classifier; --part two and --generative start only from a "
+                             "decoder (model 'lm')")
 
     def config_for(self, task: str, base: TransformerConfig) -> TransformerConfig:
         """`base` (the run's config for `task`) with the checkpoint's sizes and variants: those decide the weights'

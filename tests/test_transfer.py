@@ -239,6 +239,30 @@ def test_a_class_without_training_segments_is_never_predicted(tiny_run, tiny_gen
     assert len(found["selection"]) == 3
 
 
+def test_part_one_generative_gives_the_studys_row_and_refuses_what_does_not_fit(small_data, tiny_generative, tmp_path,
+                                                                                 capsys):
+    folder = tiny_generative.directory
+    status, out, err = run_main(capsys, "--part", "one", "--data-dir", small_data, "--out", tmp_path, "--init-from",
+                                folder, "--generative", "--device", "cpu", "--no-plots")
+    assert status == 0, err
+    assert "one decoder per class" in out
+    written = json.loads((tmp_path / "part_one.json").read_text())
+    study_row = transfer.finetune_generative(training.make_run(data_dir=small_data, device="cpu"), tiny_generative,
+                                             42, QUIET)  # the command's default seed
+    assert written["final"]["test_accuracy"] == study_row["test_accuracy"] and written["chosen"] == study_row["chosen"]
+    classifier = tmp_path / "classifier"
+    config = training.model_config(training.make_run(data_dir=small_data), "classifier", **TINY_DECODER)
+    utilities.save_checkpoint(classifier, TransformerClassifier(config), {**config.to_dict(), "model": "classifier"},
+                              tiny_generative.tokenizer_json, {})
+    for argv, message in ((("--part", "one"), "with --init-from a pretrained decoder"),
+                          (("--part", "two", "--init-from", folder), "applies to part one"),
+                          (("--part", "one", "--init-from", classifier), "start only from a decoder"),
+                          (("--part", "one", "--init-from", folder, "--save", tmp_path / "saved"), "--save")):
+        status, _, err = run_main(capsys, *argv, "--data-dir", small_data, "--out", tmp_path, "--generative")
+        assert status == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "saved").exists()
+
+
 # ---------------------------------------------------------------- the cache and the study
 
 
