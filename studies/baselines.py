@@ -37,7 +37,7 @@ from itertools import pairwise
 import torch
 import torch.nn.functional as F
 
-from dataset import Speeches, overlap_flags, split_lines, stratified_split
+from dataset import Speeches, lines_of, overlap_flags, split_lines, stratified_split
 from tokenizer import PAD_ID, UNK_ID, WordTokenizer
 
 VALIDATION_FRACTION = 0.1  # the decoder's held-out tail (training.PRESETS["best"]), so both tune on the same text
@@ -96,15 +96,26 @@ class NaiveBayes:
     def fit(cls, documents: list[Counter], labels: Sequence[int], alpha: float, num_classes: int | None = None) -> "NaiveBayes":
         """Fit on feature counts; the feature set is every feature of `documents`; classes 0 .. num_classes - 1
         (default: up to the largest label)."""
-        columns = feature_columns(documents)
         onehot = F.one_hot(torch.as_tensor(labels), num_classes or -1).double()  # (N, C)
-        smoothed = torch.sparse.mm(count_matrix(documents, columns).t(), onehot).t() + alpha  # (C, F)
+        columns = feature_columns(documents)
+        return cls.fit_counts(count_matrix(documents, columns), onehot, alpha, columns)
+
+    @classmethod
+    def fit_counts(cls, counts: torch.Tensor, weights: torch.Tensor, alpha: float, columns: dict,
+                   prior: torch.Tensor | None = None) -> "NaiveBayes":
+        """Fit on a count_matrix where document n counts weights[n, c] times in class c ((N, C): one-hot labels, or
+        soft ones); the prior is the weights' class shares unless given."""
+        smoothed = torch.sparse.mm(counts.t(), weights).t() + alpha  # (C, F)
         log_likelihood = smoothed.log() - smoothed.sum(1, keepdim=True).log()
-        return cls(columns, onehot.mean(0).log(), log_likelihood)
+        return cls(columns, (weights.sum(0) / weights.sum() if prior is None else prior).log(), log_likelihood)
 
     def log_posterior(self, documents: list[Counter]) -> torch.Tensor:
         """log P(class | document): (N, C)."""
-        joint = torch.sparse.mm(count_matrix(documents, self.columns), self.log_likelihood.t()) + self.log_prior
+        return self.log_posterior_of_counts(count_matrix(documents, self.columns))
+
+    def log_posterior_of_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """log P(class | document) of a count_matrix over this model's columns: (N, C)."""
+        joint = torch.sparse.mm(counts, self.log_likelihood.t()) + self.log_prior
         return joint - joint.logsumexp(1, keepdim=True)
 
     def predict(self, documents: list[Counter]) -> list[int]:
@@ -201,6 +212,13 @@ def grouped_accuracy(predicted: list[int], labels: list[int], groups: dict[str, 
     return result
 
 
+def test_groups(speeches: Speeches) -> dict[str, list[bool]]:
+    """grouped_accuracy's groups of test_CLS: every segment, and those seen, unseen, in neither training file."""
+    overlap = overlap_flags(speeches)
+    return {"": [True] * len(speeches.test_cls.texts), "_seen": overlap["in_train_cls"],
+            "_unseen": [not seen for seen in overlap["in_train_cls"]], "_unseen_both": overlap["in_neither"]}
+
+
 def classifier_baselines(speeches: Speeches, tokenizer: WordTokenizer, seed: int = 0) -> dict:
     """Naive Bayes and TF-IDF logistic regression, tuned on validation, scored on test_CLS (overall and by overlap)."""
     started = time.perf_counter()
@@ -208,9 +226,7 @@ def classifier_baselines(speeches: Speeches, tokenizer: WordTokenizer, seed: int
     test = [ngram_counts(tokenizer, text) for text in speeches.test_cls.texts]
     results = {"feature_seconds": time.perf_counter() - started}
     labels = speeches.train_cls.labels
-    overlap = overlap_flags(speeches)
-    groups = {"": [True] * len(test), "_seen": overlap["in_train_cls"],
-              "_unseen": [not seen for seen in overlap["in_train_cls"]], "_unseen_both": overlap["in_neither"]}
+    groups = test_groups(speeches)
     for name, model_class, grid, knob in (("naive_bayes", NaiveBayes, ALPHAS, "alpha"),
                                           ("tfidf_logreg", TfidfLogisticRegression, L2_STRENGTHS, "l2")):
         started = time.perf_counter()
@@ -220,6 +236,47 @@ def classifier_baselines(speeches: Speeches, tokenizer: WordTokenizer, seed: int
         results[name].update(grouped_accuracy(predicted, speeches.test_cls.labels, groups))
         results[name]["seconds"] = time.perf_counter() - started
     return results
+
+
+EM_WEIGHTS = (0.1, 0.3, 1.0)  # an unlabelled document's weight against a labelled one's (Nigam et al.'s λ)
+EM_ITERATIONS = 10
+
+
+def naive_bayes_em(documents: list[Counter], labels: Sequence[int], unlabelled: list[Counter], alpha: float,
+                   weight: float, num_classes: int, iterations: int = EM_ITERATIONS) -> NaiveBayes:
+    """Semi-supervised naive Bayes by EM (Nigam et al., 2000, their EM-λ): fitted on the labelled documents, then
+    `iterations` times every unlabelled document takes its posterior as soft labels (E) and the model is refitted on
+    both, the unlabelled ones weighted by `weight` (M). Its features are both sets'; its prior stays the labelled
+    documents' (the unlabelled text's balance of classes is unknown)."""
+    onehot = F.one_hot(torch.as_tensor(labels), num_classes).double()  # (N, C)
+    columns, prior = feature_columns(documents + unlabelled), onehot.mean(0)
+    both, unlabelled_counts = count_matrix(documents + unlabelled, columns), count_matrix(unlabelled, columns)
+    model = NaiveBayes.fit_counts(count_matrix(documents, columns), onehot, alpha, columns, prior)
+    for _ in range(iterations):
+        soft = model.log_posterior_of_counts(unlabelled_counts).exp()  # (U, C)
+        model = NaiveBayes.fit_counts(both, torch.cat([onehot, weight * soft]), alpha, columns, prior)
+    return model
+
+
+def semi_supervised_naive_bayes(speeches: Speeches, tokenizer: WordTokenizer, seed: int = 0) -> dict:
+    """Naive Bayes by EM with train_LM.txt's lines as the unlabelled documents, α and the weight chosen on the
+    validation split classifier_baselines uses; scored on test_CLS as it scores."""
+    started = time.perf_counter()
+    train = [ngram_counts(tokenizer, text) for text in speeches.train_cls.texts]
+    unlabelled = [ngram_counts(tokenizer, line) for line in lines_of(speeches.train_lm)]
+    classes = len(speeches.class_names)
+
+    class EM:  # tune_and_fit's model class: its grid value is (alpha, weight)
+        @staticmethod
+        def fit(documents, labels, value):
+            return naive_bayes_em(documents, labels, unlabelled, *value, num_classes=classes)
+
+    grid = [(alpha, weight) for alpha in ALPHAS for weight in EM_WEIGHTS]
+    model, (alpha, weight), validation = tune_and_fit(EM, train, speeches.train_cls.labels, grid, seed)
+    predicted = model.predict([ngram_counts(tokenizer, text) for text in speeches.test_cls.texts])
+    return {"alpha": alpha, "weight": weight, "unlabelled_lines": len(unlabelled), "validation_accuracy": validation,
+            **grouped_accuracy(predicted, speeches.test_cls.labels, test_groups(speeches)),
+            "seconds": time.perf_counter() - started}
 
 
 # ---------------------------------------------------------------- Kneser–Ney trigram language model

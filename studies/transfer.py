@@ -17,7 +17,8 @@ test addresses whole, and any paragraph that holds a test segment or test line);
   (models/class_conditional.py).
 - Like with like: Kneser-Ney (the course's trigram, and the modified 5-gram) fitted on train_LM.txt, mixed with the
   same model fitted on the pretraining text, the weight chosen on the same validation lines; naive Bayes and TF-IDF
-  logistic regression on the same labelled segments (they cannot use unlabelled text).
+  logistic regression on the same labelled segments, and naive Bayes made semi-supervised by EM over train_LM.txt's
+  lines (Nigam et al., 2000), a row of its own.
 """
 
 import hashlib
@@ -411,10 +412,12 @@ def study(run: training.Run, context: Context, log=print) -> tuple[dict, list[st
                                                  context.seed, log)}
     pretraining = Pretrained(checkpoints["decoder"]).metrics["pretraining"]
     seeds = [context.seed + offset for offset in range(context.seeds)]
-    jobs = [TransferJob("count_lm", pretraining_ids=ids),
+    # the longest jobs first (the generative classifier's, then the decoder's fine-tuning), so that the workers end
+    # together rather than one finishing a long job alone
+    jobs = [*(TransferJob("generative", seed, str(checkpoints["decoder"])) for seed in seeds),
             *(TransferJob("lm", seed, str(checkpoints["decoder"])) for seed in seeds),
             *(TransferJob("classifier", seed, str(checkpoints[start]), start) for start in checkpoints for seed in seeds),
-            *(TransferJob("generative", seed, str(checkpoints["decoder"])) for seed in seeds)]
+            TransferJob("count_lm", pretraining_ids=ids)]
     log(f"transfer: {len(jobs) - 1} fine-tunings and the count models on {context.workers} workers")
     lm, classifier = {}, {}
     finished = {("lm", "decoder"): [], ("classifier", "decoder"): [], ("classifier", "encoder"): [],
@@ -438,6 +441,12 @@ def study(run: training.Run, context: Context, log=print) -> tuple[dict, list[st
                               "pretraining_tokens": 0, "seeds": 1}
                        for name, found in baselines.classifier_baselines(run.data, run.words).items()
                        if name in ("naive_bayes", "tfidf_logreg")})
+    # the semi-supervised count classifier: the unlabelled text it can use is the course's own, train_LM.txt
+    found = baselines.semi_supervised_naive_bayes(run.data, run.words)
+    classifier["naive Bayes + EM over train_LM.txt's lines (semi-supervised)"] = {
+        **{key: found[key] for key in CLASSIFIER_KEYS}, "labelled_examples": len(run.data.train_cls.texts),
+        "unlabelled_lines": found["unlabelled_lines"], "alpha": found["alpha"], "weight": found["weight"],
+        "pretraining_tokens": 0, "seeds": 1}
     if reference_classifier:
         classifier["course base encoder (no pretraining)"] = reference_classifier
     classifier["pretrained decoder, fine-tuned as a classifier"] = summarise_classifier(

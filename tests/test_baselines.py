@@ -29,6 +29,26 @@ def test_naive_bayes_posterior_matches_hand_arithmetic():
     assert model.log_posterior([Counter({"a": 2})]).exp()[0, 0].item() == pytest.approx(joint_0 / (joint_0 + joint_1))
 
 
+def test_em_reads_words_only_the_unlabelled_documents_hold():
+    labelled, labels = [Counter({"a": 1}), Counter({"b": 1})], [0, 1]
+    # "c" occurs only beside "a", "d" only beside "b", and only in unlabelled documents
+    unlabelled = [Counter({"a": 1, "c": 1}), Counter({"a": 1, "c": 1}), Counter({"b": 1, "d": 1}), Counter({"b": 1, "d": 1})]
+    queries = [Counter({"c": 1}), Counter({"d": 1})]
+    plain = NaiveBayes.fit(labelled, labels, alpha=0.1).log_posterior(queries).exp()
+    assert plain.flatten().tolist() == pytest.approx([0.5] * 4)  # unseen words: the prior alone
+    em = baselines.naive_bayes_em(labelled, labels, unlabelled, alpha=0.1, weight=1.0, num_classes=2)
+    assert em.predict(queries) == [0, 1]
+    assert em.log_likelihood.exp().sum(1).tolist() == pytest.approx([1.0, 1.0])  # each class's a distribution
+    assert em.log_prior.exp().tolist() == pytest.approx([0.5, 0.5])  # the labelled documents' prior
+    # the first M step by hand: "a c" is class 0 with the labelled fit's posterior p (features a, b, c, d, α 0.1)
+    first = baselines.naive_bayes_em(labelled, labels, unlabelled, alpha=0.1, weight=1.0, num_classes=2, iterations=1)
+    like_a_0, like_a_1 = 1.1 / 1.4, 0.1 / 1.4  # class 0: a=1 (+α), others α; class 1: b=1
+    p = like_a_0 * (0.1 / 1.4) / (like_a_0 * (0.1 / 1.4) + like_a_1 * (0.1 / 1.4))  # "a c" under the labelled fit
+    counts_c_0 = 2 * p  # two "a c" documents, each p in class 0
+    total_0 = 1 + 2 * (2 * p) + 2 * (2 * (1 - p))  # "a", the two "a c" (2 words) at p, the two "b d" at their 1 - p
+    assert first.log_likelihood[0, first.columns["c"]].exp().item() == pytest.approx((counts_c_0 + 0.1) / (total_0 + 0.4))
+
+
 def test_ngram_counts_are_unigrams_and_bigrams_with_unk():
     tokenizer = WordTokenizer(["the", "cat", "sat"])
     the, cat, unk = tokenizer.stoi["the"], tokenizer.stoi["cat"], tokenizer.stoi["<unk>"]

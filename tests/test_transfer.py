@@ -12,7 +12,7 @@ import torch
 import main
 import training
 import utilities
-from dataset import LabelledSegments, WindowBatches, split_lines
+from dataset import LabelledSegments, WindowBatches, lines_of, split_lines
 from models.pretrained import Pretrained
 from runtime import corpus
 from studies import baselines, transfer
@@ -308,9 +308,11 @@ def test_a_tiny_transfer_study_end_to_end(tiny_study):
     assert {"kneser_ney (train_LM.txt)", "kneser_ney (train_LM.txt, mixed with sotu)", "kneser_ney_5 (train_LM.txt)",
             "kneser_ney_5 (train_LM.txt, mixed with sotu)", "pretrained decoder, not fine-tuned",
             "pretrained decoder, fine-tuned"} == set(results["lm"])
-    assert {"naive_bayes", "tfidf_logreg", "pretrained decoder, fine-tuned as a classifier",
-            "MLM-pretrained encoder, fine-tuned",
+    assert {"naive_bayes", "tfidf_logreg", "naive Bayes + EM over train_LM.txt's lines (semi-supervised)",
+            "pretrained decoder, fine-tuned as a classifier", "MLM-pretrained encoder, fine-tuned",
             "pretrained decoder, fine-tuned per president (Bayes' rule)"} == set(results["classifier"])
+    semi_supervised = results["classifier"]["naive Bayes + EM over train_LM.txt's lines (semi-supervised)"]
+    assert semi_supervised["unlabelled_lines"] == len(lines_of(tiny_study.data.train_lm))
     generative = results["classifier"]["pretrained decoder, fine-tuned per president (Bayes' rule)"]
     assert set(generative["chosen"]) <= {2, 4} and generative["seeds"] == 2  # an evaluation step of each seed's run
     encoder = Pretrained(results["checkpoints"]["encoder"])  # bidirectional, one row more for [MASK]
