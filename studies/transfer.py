@@ -45,9 +45,11 @@ from tokenizer import UNK_ID
 from transformer import TransformerClassifier
 
 # the decoder: the scaling study's choice on its 128k and 256k slices (width 128, 4 layers, context 128), less dropout for
-# 2M words, computed as the scaling study's decoders are (the manual attention and the chunked loss: 1.45x torch's fused
-# attention with the course's loss in bf16, bench/scaling_throughput.py); AdamW with warm-up and cosine decay, bf16 autocast
-PRETRAIN_MODEL = {**GROWN_FAMILY["w128-l4-c128"], "dropout": 0.1, **GROWN_MODEL}
+# 2M words; AdamW with warm-up and cosine decay, bf16 autocast
+PRETRAIN_MODEL = {**GROWN_FAMILY["w128-l4-c128"], "dropout": 0.1}
+# how it computes: as the scaling study's decoders (the manual attention and the chunked loss: 1.45x torch's fused
+# attention with the course's loss in bf16, bench/scaling_throughput.py); the fine-tunings inherit the chunked loss
+PRETRAIN_COMPUTE = GROWN_MODEL
 PRETRAIN_TRAINING = {"batch_size": 32, "learning_rate": 2e-3, "weight_decay": 0.1, "warmup_steps": 100,
                      "cosine_decay": True, "validation_fraction": 0.01, "refit": False, "precision": "bf16"}
 PRETRAIN_EVALUATIONS = 10  # evaluations along the pretraining: its validation curve and the course figures unseen
@@ -83,9 +85,10 @@ class TransferJob:
 # ---------------------------------------------------------------- pretraining, cached
 
 
-def pretraining_settings(run: training.Run, steps: int) -> tuple:
-    """The pretrained decoder's config and training (the best preset's decoder with PRETRAIN_MODEL's sizes)."""
-    config = training.model_config(run, "lm", preset="best", **PRETRAIN_MODEL)
+def pretraining_settings(run: training.Run, steps: int, compute: dict = PRETRAIN_COMPUTE) -> tuple:
+    """The pretrained decoder's config and training (the best preset's decoder with PRETRAIN_MODEL's sizes, computed
+    as `compute` says: its attention path and loss)."""
+    config = training.model_config(run, "lm", preset="best", **PRETRAIN_MODEL, **compute)
     settings = replace(training.training_config(run, "lm", preset="best"), **PRETRAIN_TRAINING, max_iters=steps,
                        eval_interval=max(1, steps // PRETRAIN_EVALUATIONS))
     return config, settings.validate()
@@ -125,9 +128,10 @@ def cached(run: training.Run, name: str, key: str, pretrain, log=print) -> Path:
     return folder
 
 
-def pretrained_decoder(run: training.Run, text: str, steps: int, seed: int, log=print) -> Path:
+def pretrained_decoder(run: training.Run, text: str, steps: int, seed: int, log=print,
+                       compute: dict = PRETRAIN_COMPUTE) -> Path:
     """The folder of a decoder pretrained on `text` by next-token prediction (cached)."""
-    config, settings = pretraining_settings(run, steps)
+    config, settings = pretraining_settings(run, steps, compute)
 
     def pretrain():
         log(f"transfer: pretraining a decoder ({steps:,} steps of {settings.batch_size} x {config.block_size} tokens)")

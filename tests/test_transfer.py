@@ -127,7 +127,7 @@ def test_a_checkpoint_of_another_vocabulary_or_task_is_refused_by_name(tiny_run,
     config = training.model_config(tiny_run, "classifier", **TINY_DECODER)
     utilities.save_checkpoint(tmp_path / "cls", TransformerClassifier(config), {**config.to_dict(), "model": "classifier"},
                               tiny_run.tokenizer.to_json(), {})
-    with pytest.raises(ValueError, match="starts only from a decoder"):
+    with pytest.raises(ValueError, match="start only from a decoder"):
         Pretrained(tmp_path / "cls").check(tiny_run.tokenizer.to_json(), "lm")
 
 
