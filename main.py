@@ -137,8 +137,8 @@ def print_accuracies(final: dict, extra: dict):
 def part_one_generative(run: Run, args) -> tuple[dict, list[str]]:
     """--generative: the pretrained decoder fine-tuned on each class's segments, and Bayes' rule over them (the
     transfer study's generative classifier, with its settings); the choice of steps, the test accuracy by split."""
-    model, chosen = transfer.generative_classifier(run, Pretrained(args.init_from), args.seed)
-    print(f"fine-tuned from {args.init_from}: one decoder per class, {chosen['chosen']} steps each (chosen on validation)")
+    model, selection = transfer.generative_classifier(run, Pretrained(args.init_from), args.seed)
+    print(f"fine-tuned from {args.init_from}: one decoder per class, {selection['chosen']} steps each (chosen on validation)")
     final = training.classifier_report(run, model.probabilities(
         [run.tokenizer.encode(text) for text in run.data.test_cls.texts], run.device))
     extra = {name: accuracy(model.probabilities([run.tokenizer.encode(text) for text in segments.texts], run.device),
@@ -148,7 +148,7 @@ def part_one_generative(run: Run, args) -> tuple[dict, list[str]]:
     print_accuracies(final, extra)
     failures = [failure for label, decoder in enumerate(model.decoders)
                 for failure in check_attention(run, decoder, True, f"part1_generative_{label}")]
-    return {"vocab_size": run.tokenizer.vocab_size, "num_parameters": parameters, "final": final, **chosen,
+    return {"vocab_size": run.tokenizer.vocab_size, "num_parameters": parameters, "final": final, **selection,
             "extra": extra}, failures
 
 

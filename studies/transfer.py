@@ -284,9 +284,9 @@ def finetune_generative(run: training.Run, pretrained: Pretrained, seed: int, lo
     """The generative classifier (generative_classifier) fitted and scored on test_CLS: its figures and test
     probabilities (for the ensemble)."""
     started = time.perf_counter()
-    model, chosen = generative_classifier(run, pretrained, seed)
+    model, selection = generative_classifier(run, pretrained, seed)
     probabilities = model.probabilities([run.tokenizer.encode(text) for text in run.data.test_cls.texts], run.device)
-    return {**training.classifier_report(run, probabilities), **chosen, "probabilities": probabilities.tolist(),
+    return {**training.classifier_report(run, probabilities), **selection, "probabilities": probabilities.tolist(),
             "train_seconds": time.perf_counter() - started,
             "num_parameters": sum(training.count_parameters(decoder) for decoder in model.decoders)}
 
