@@ -250,8 +250,9 @@ def naive_bayes_em(documents: list[Counter], labels: Sequence[int], unlabelled: 
     documents' (the unlabelled text's balance of classes is unknown)."""
     onehot = F.one_hot(torch.as_tensor(labels), num_classes).double()  # (N, C)
     columns, prior = feature_columns(documents + unlabelled), onehot.mean(0)
-    both, unlabelled_counts = count_matrix(documents + unlabelled, columns), count_matrix(unlabelled, columns)
-    model = NaiveBayes.fit_counts(count_matrix(documents, columns), onehot, alpha, columns, prior)
+    labelled_counts, unlabelled_counts = count_matrix(documents, columns), count_matrix(unlabelled, columns)
+    both = torch.cat([labelled_counts, unlabelled_counts])  # (N + U, F), each document counted once
+    model = NaiveBayes.fit_counts(labelled_counts, onehot, alpha, columns, prior)
     for _ in range(iterations):
         soft = model.log_posterior_of_counts(unlabelled_counts).exp()  # (U, C)
         model = NaiveBayes.fit_counts(both, torch.cat([onehot, weight * soft]), alpha, columns, prior)

@@ -387,6 +387,12 @@ def summarise_classifier(run: training.Run, reports: list[dict], pretraining_tok
             "pretraining_tokens": pretraining_tokens, "labelled_examples": len(run.data.train_cls.texts)}
 
 
+def count_classifier_row(run: training.Run, found: dict, **extra) -> dict:
+    """A count classifier's row: its test accuracies (baselines' report `found`), what it saw, and `extra`."""
+    return {**{key: found[key] for key in CLASSIFIER_KEYS}, "labelled_examples": len(run.data.train_cls.texts), **extra,
+            "pretraining_tokens": 0, "seeds": 1}
+
+
 def course_reference(run: training.Run, context: Context) -> tuple[dict, dict]:
     """The part-three comparison's course base models (no pretraining), scored here: an LM row and a classifier row."""
     lm, classifier = {}, {}
@@ -441,16 +447,12 @@ def study(run: training.Run, context: Context, log=print) -> tuple[dict, list[st
     lm["pretrained decoder, not fine-tuned"] = {"perplexity": pretraining["final"]["perplexity"],
                                                  "pretraining_tokens": pretraining["tokens"]}
     lm["pretrained decoder, fine-tuned"] = summarise_lm(finished["lm", "decoder"], pretraining["tokens"])
-    classifier.update({name: {**{key: found[key] for key in CLASSIFIER_KEYS}, "labelled_examples": len(run.data.train_cls.texts),
-                              "pretraining_tokens": 0, "seeds": 1}
-                       for name, found in baselines.classifier_baselines(run.data, run.words).items()
-                       if name in ("naive_bayes", "tfidf_logreg")})
+    classifier.update({name: count_classifier_row(run, found) for name, found in
+                       baselines.classifier_baselines(run.data, run.words).items() if name in ("naive_bayes", "tfidf_logreg")})
     # the semi-supervised count classifier: the unlabelled text it can use is the course's own, train_LM.txt
     found = baselines.semi_supervised_naive_bayes(run.data, run.words)
-    classifier["naive Bayes + EM over train_LM.txt's lines (semi-supervised)"] = {
-        **{key: found[key] for key in CLASSIFIER_KEYS}, "labelled_examples": len(run.data.train_cls.texts),
-        "unlabelled_lines": found["unlabelled_lines"], "alpha": found["alpha"], "weight": found["weight"],
-        "pretraining_tokens": 0, "seeds": 1}
+    classifier["naive Bayes + EM over train_LM.txt's lines (semi-supervised)"] = count_classifier_row(
+        run, found, unlabelled_lines=found["unlabelled_lines"], alpha=found["alpha"], weight=found["weight"])
     if reference_classifier:
         classifier["course base encoder (no pretraining)"] = reference_classifier
     classifier["pretrained decoder, fine-tuned as a classifier"] = summarise_classifier(
