@@ -19,7 +19,7 @@ from runtime import corpus
 from runtime import parallel as data_parallel
 from runtime.memory import keep_freed_memory
 from runtime.resume import TrainingInterrupted
-from studies import exploration, gap, heads, improvement, instruct, scaling, span_corruption, transfer, workers
+from studies import baselines, exploration, gap, heads, improvement, instruct, scaling, span_corruption, transfer, workers
 from studies.study import SHARED_OPTIONS, Context
 from tools import chat, convert, generate, sweep
 from tools import gap as gap_tool
@@ -139,17 +139,38 @@ def part_one_generative(run: Run, args) -> tuple[dict, list[str]]:
     transfer study's generative classifier, with its settings); the choice of steps, the test accuracy by split."""
     model, selection = transfer.generative_classifier(run, Pretrained(args.init_from), args.seed)
     print(f"fine-tuned from {args.init_from}: one decoder per class, {selection['chosen']} steps each (chosen on validation)")
-    final = training.classifier_report(run, model.probabilities(
-        [run.tokenizer.encode(text) for text in run.data.test_cls.texts], run.device))
+    probabilities = model.probabilities([run.tokenizer.encode(text) for text in run.data.test_cls.texts], run.device)
+    final = training.classifier_report(run, probabilities)
     extra = {name: accuracy(model.probabilities([run.tokenizer.encode(text) for text in segments.texts], run.device),
                             torch.tensor(segments.labels)) for name, segments in run.extra_tests.items()}
     parameters = sum(training.count_parameters(decoder) for decoder in model.decoders)
     print(f"parameters: {parameters:,}   vocabulary: {run.tokenizer.vocab_size:,}")
     print_accuracies(final, extra)
+    against = against_naive_bayes(run, probabilities.argmax(1).tolist())
     failures = [failure for label, decoder in enumerate(model.decoders)
                 for failure in check_attention(run, decoder, True, f"part1_generative_{label}")]
     return {"vocab_size": run.tokenizer.vocab_size, "num_parameters": parameters, "final": final, **selection,
-            "extra": extra}, failures
+            "extra": extra, "against_naive_bayes": against}, failures
+
+
+def against_naive_bayes(run: Run, predicted: list[int]) -> dict:
+    """Naive Bayes (as part three's baselines fit it) on the same test segments, and McNemar's exact test of the
+    pair, overall and on the unseen segments; printed, and returned for the JSON."""
+    nb_predicted, alpha = baselines.naive_bayes_test_predictions(run.data, run.tokenizer)
+    labels, unseen = run.data.test_cls.labels, training.test_splits(run)["unseen"].tolist()
+    found = {"alpha": alpha}
+    for split, where in (("all", [True] * len(labels)), ("unseen", unseen)):
+        kept = [index for index, keep in enumerate(where) if keep]
+        if not kept or (split == "unseen" and len(kept) == len(labels)):  # the stand-in: every segment is unseen
+            continue
+        test = baselines.paired_exact_test([predicted[i] == labels[i] for i in kept],
+                                           [nb_predicted[i] == labels[i] for i in kept])
+        found[split] = {"naive_bayes_accuracy": baselines.accuracy([nb_predicted[i] for i in kept],
+                                                                   [labels[i] for i in kept]), **test}
+        print(f"naive Bayes on the same {len(kept)} {'unseen ' if split == 'unseen' else ''}segments: "
+              f"{found[split]['naive_bayes_accuracy']:.2f}%; right here alone {test['first_only']}, in naive Bayes "
+              f"alone {test['second_only']}: McNemar's exact p = {test['p_value']:.3f}")
+    return found
 
 
 def part_one(run: Run, args) -> tuple[dict, list[str]]:

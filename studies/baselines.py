@@ -81,6 +81,17 @@ def accuracy(predicted: Sequence[int], labels: Sequence[int]) -> float | None:
     return 100.0 * sum(p == y for p, y in zip(predicted, labels)) / len(labels) if len(labels) else None
 
 
+def paired_exact_test(first_right: Sequence[bool], second_right: Sequence[bool]) -> dict:
+    """McNemar's exact test of two classifiers on the same items: the items only the first gets right, those only
+    the second gets right, and the two-sided p-value of so lopsided a split if each is equally likely (a sign test
+    over the disagreements: 2 · P(Binomial(m, 1/2) <= min), at most 1)."""
+    first_only = sum(a and not b for a, b in zip(first_right, second_right, strict=True))
+    second_only = sum(b and not a for a, b in zip(first_right, second_right, strict=True))
+    disagreements = first_only + second_only
+    tail = sum(math.comb(disagreements, k) for k in range(min(first_only, second_only) + 1)) / 2 ** disagreements
+    return {"first_only": first_only, "second_only": second_only, "p_value": min(1.0, 2 * tail)}
+
+
 # ---------------------------------------------------------------- classifiers
 
 
@@ -217,6 +228,14 @@ def test_groups(speeches: Speeches) -> dict[str, list[bool]]:
     overlap = overlap_flags(speeches)
     return {"": [True] * len(speeches.test_cls.texts), "_seen": overlap["in_train_cls"],
             "_unseen": [not seen for seen in overlap["in_train_cls"]], "_unseen_both": overlap["in_neither"]}
+
+
+def naive_bayes_test_predictions(speeches: Speeches, tokenizer: WordTokenizer, seed: int = 0) -> tuple[list[int], float]:
+    """Naive Bayes fitted as classifier_baselines fits it (α on validation, then all of train_CLS): its class for
+    each test_CLS segment, and the α chosen."""
+    train = [ngram_counts(tokenizer, text) for text in speeches.train_cls.texts]
+    model, alpha, _ = tune_and_fit(NaiveBayes, train, speeches.train_cls.labels, ALPHAS, seed)
+    return model.predict([ngram_counts(tokenizer, text) for text in speeches.test_cls.texts]), alpha
 
 
 def classifier_baselines(speeches: Speeches, tokenizer: WordTokenizer, seed: int = 0) -> dict:

@@ -49,6 +49,23 @@ def test_em_reads_words_only_the_unlabelled_documents_hold():
     assert first.log_likelihood[0, first.columns["c"]].exp().item() == pytest.approx((counts_c_0 + 0.1) / (total_0 + 0.4))
 
 
+def test_paired_exact_test_against_every_outcome_of_the_disagreements():
+    # hand arithmetic: 1 against 4 disagreements, 2 * (C(5,0) + C(5,1)) / 2^5 = 0.375
+    assert baselines.paired_exact_test([1, 0, 0, 0, 0, 1], [0, 1, 1, 1, 1, 1]) == {
+        "first_only": 1, "second_only": 4, "p_value": 0.375}
+    for first_only in range(6):
+        for second_only in range(6):
+            both, neither = [True] * 3, [False] * 2  # agreements, which the test ignores
+            first = [True] * first_only + [False] * second_only + both + neither
+            second = [False] * first_only + [True] * second_only + both + neither
+            m = first_only + second_only
+            # brute force: each disagreement a fair coin; how often is the split at least as lopsided?
+            extreme = sum(abs(2 * bin(outcome).count("1") - m) >= abs(first_only - second_only) for outcome in range(2 ** m))
+            found = baselines.paired_exact_test(first, second)
+            assert (found["first_only"], found["second_only"]) == (first_only, second_only)
+            assert found["p_value"] == pytest.approx(extreme / 2 ** m)
+
+
 def test_ngram_counts_are_unigrams_and_bigrams_with_unk():
     tokenizer = WordTokenizer(["the", "cat", "sat"])
     the, cat, unk = tokenizer.stoi["the"], tokenizer.stoi["cat"], tokenizer.stoi["<unk>"]

@@ -250,6 +250,14 @@ def test_part_one_generative_gives_the_studys_row_and_refuses_what_does_not_fit(
     study_row = transfer.finetune_generative(training.make_run(data_dir=small_data, device="cpu"), tiny_generative,
                                              42, QUIET)  # the command's default seed
     assert written["final"]["test_accuracy"] == study_row["test_accuracy"] and written["chosen"] == study_row["chosen"]
+    # naive Bayes beside it is part three's baseline, and the disagreements account for the gap in accuracy
+    against = written["against_naive_bayes"]["all"]
+    run = training.make_run(data_dir=small_data, device="cpu")
+    naive_bayes = baselines.classifier_baselines(run.data, run.tokenizer)["naive_bayes"]
+    assert against["naive_bayes_accuracy"] == pytest.approx(naive_bayes["test_accuracy"])
+    gap = written["final"]["test_accuracy"] - against["naive_bayes_accuracy"]
+    assert gap == pytest.approx(100 * (against["first_only"] - against["second_only"]) / len(run.data.test_cls.texts))
+    assert "McNemar's exact p" in out
     classifier = tmp_path / "classifier"
     config = training.model_config(training.make_run(data_dir=small_data), "classifier", **TINY_DECODER)
     utilities.save_checkpoint(classifier, TransformerClassifier(config), {**config.to_dict(), "model": "classifier"},
