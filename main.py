@@ -156,7 +156,7 @@ def part_one_generative(run: Run, args) -> tuple[dict, list[str]]:
 def against_naive_bayes(run: Run, predicted: list[int]) -> dict:
     """Naive Bayes (as part three's baselines fit it) on the same test segments, and McNemar's exact test of the
     pair, overall and on the unseen segments; printed, and returned for the JSON."""
-    nb_predicted, alpha = baselines.naive_bayes_test_predictions(run.data, run.tokenizer)
+    nb_predicted, alpha = baselines.naive_bayes_test_predictions(run.data, run.words)
     labels, unseen = run.data.test_cls.labels, training.test_splits(run)["unseen"].tolist()
     found = {"alpha": alpha}
     for split, where in (("all", [True] * len(labels)), ("unseen", unseen)):
