@@ -157,9 +157,9 @@ def against_naive_bayes(run: Run, predicted: list[int]) -> dict:
     """Naive Bayes (as part three's baselines fit it) on the same test segments, and McNemar's exact test of the
     pair, overall and on the unseen segments; printed, and returned for the JSON."""
     nb_predicted, alpha = baselines.naive_bayes_test_predictions(run.data, run.words)
-    labels, unseen = run.data.test_cls.labels, training.test_splits(run)["unseen"].tolist()
+    labels, groups = run.data.test_cls.labels, baselines.test_groups(run.data)
     found = {"alpha": alpha}
-    for split, where in (("all", [True] * len(labels)), ("unseen", unseen)):
+    for split, where in (("all", groups[""]), ("unseen", groups["_unseen"])):
         kept = [index for index, keep in enumerate(where) if keep]
         if not kept or (split == "unseen" and len(kept) == len(labels)):  # the stand-in: every segment is unseen
             continue
