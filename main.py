@@ -403,9 +403,8 @@ def check_options(parser: argparse.ArgumentParser, args):
     if args.generative and (args.save or args.checkpoint_every or args.resume or data_parallel.launched_by_torchrun()):
         raise ValueError("--generative trains one decoder per class in this process: --save, checkpoints, --resume "
                          "and torchrun apply to a single model")
-    if args.part == "three" and (args.transfer or args.instruct) and args.tokenizer != "word":
-        raise ValueError(f"--{'transfer' if args.transfer else 'instruct'} pretrains in the course's word vocabulary: "
-                         "use --tokenizer word")
+    if args.part == "three" and args.instruct and args.tokenizer != "word":
+        raise ValueError("--instruct pretrains in the course's word vocabulary: use --tokenizer word")
     for study in STUDIES:
         if getattr(args, study.flag) and study.check is not None:  # a typo must not cost the runs before the study
             study.check({option.name: getattr(args, option.name) for option in study.options})

@@ -22,11 +22,17 @@ from torch import nn
 
 import training
 from dataset import EpochBatches, encode_segments, stratified_split
-from tokenizer import PAD_ID, UNK_ID
+from tokenizer import PAD_ID, UNK_ID, ByteBPETokenizer
 from transformer import LayerNorm, Output, TransformerClassifier, TransformerConfig, Trunk, count_parameters, initialise
 
 IGNORE = -100  # F.cross_entropy's ignore_index: positions that were not chosen carry no loss
 FIRST_WORD = UNK_ID + 1  # ids below are <pad> and <unk>; a random replacement is always a real word
+
+
+def first_word(tokenizer) -> int:
+    """The first id a random replacement may take: past the special tokens (the word tokenizer's <pad> and <unk>,
+    BPE's five)."""
+    return len(tokenizer.specials) if isinstance(tokenizer, ByteBPETokenizer) else FIRST_WORD
 
 
 @dataclass(frozen=True)
@@ -60,12 +66,13 @@ class MaskingConfig:
 
 
 def mask_tokens(ids: torch.Tensor, mask_id: int, masking: MaskingConfig, generator: torch.Generator,
-                pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
+                pad_id: int = PAD_ID, first: int = FIRST_WORD) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets) for (B, T) ids: each real position is chosen with probability masking.rate; a chosen one
-    becomes [MASK] (to_mask), a random word (to_random) or stays, and is the only kind of position with a target."""
+    becomes [MASK] (to_mask), a random word (to_random: an id from `first` up to [MASK]) or stays, and is the only
+    kind of position with a target."""
     chosen = (torch.rand(ids.shape, generator=generator) < masking.rate) & (ids != pad_id)  # (B, T)
     action = torch.rand(ids.shape, generator=generator)  # which of the three a chosen position gets
-    random_words = torch.randint(FIRST_WORD, mask_id, ids.shape, generator=generator)
+    random_words = torch.randint(first, mask_id, ids.shape, generator=generator)
     inputs = torch.where(chosen & (action < masking.to_mask), mask_id, ids)
     to_random = chosen & (action >= masking.to_mask) & (action < masking.to_mask + masking.to_random)
     inputs = torch.where(to_random, random_words, inputs)
@@ -102,16 +109,17 @@ class MaskedLM(nn.Module):
 class MaskedBatches:
     """Endless shuffled epochs of rows, each batch masked afresh (dynamic masking, as RoBERTa)."""
 
-    def __init__(self, rows: torch.Tensor, mask_id: int, masking: MaskingConfig, generator: torch.Generator):
+    def __init__(self, rows: torch.Tensor, mask_id: int, masking: MaskingConfig, generator: torch.Generator,
+                 first: int = FIRST_WORD):
         self.epochs = EpochBatches(rows, torch.zeros(len(rows), dtype=torch.long), masking.batch_size, generator)
-        self.mask_id, self.masking, self.generator = mask_id, masking, generator
+        self.mask_id, self.masking, self.generator, self.first = mask_id, masking, generator, first
 
     def __iter__(self):
         return self
 
     def __next__(self):
         ids, _ = next(self.epochs)
-        return mask_tokens(ids, self.mask_id, self.masking, self.generator)
+        return mask_tokens(ids, self.mask_id, self.masking, self.generator, first=self.first)
 
 
 def unlabelled_texts(data, held_out: set[str]) -> list[str]:
@@ -147,10 +155,11 @@ def validation_segments(run, training_config: training.TrainingConfig) -> list[s
 
 
 @torch.no_grad()
-def masked_loss(model: MaskedLM, rows: torch.Tensor, mask_id: int, masking: MaskingConfig, device) -> float:
+def masked_loss(model: MaskedLM, rows: torch.Tensor, mask_id: int, masking: MaskingConfig, device,
+                first: int = FIRST_WORD) -> float:
     """Mean MLM loss over the chosen positions of `rows`, masked once with a fixed generator (comparable across steps)."""
     model.eval()
-    inputs, targets = mask_tokens(rows, mask_id, masking, torch.Generator().manual_seed(0))
+    inputs, targets = mask_tokens(rows, mask_id, masking, torch.Generator().manual_seed(0), first=first)
     return model(inputs.to(device), targets.to(device)).loss.item()
 
 
@@ -167,12 +176,13 @@ def pretrain(run, config: TransformerConfig, masking: MaskingConfig, seed: int, 
         texts = unlabelled_texts(run.data, set(held_out))
     rows = pretraining_rows(run.tokenizer, texts, config.block_size)
     validation = encode_segments(run.tokenizer, held_out, config.block_size) if held_out else None
-    batches = MaskedBatches(rows, mask_id, masking, torch.Generator().manual_seed(seed))
+    first = first_word(run.tokenizer)
+    batches = MaskedBatches(rows, mask_id, masking, torch.Generator().manual_seed(seed), first)
 
     def evaluate(step, recent):
         row = {"step": step, "train_loss": sum(loss for loss, _, _ in recent) / len(recent)}
         if validation is not None:  # reported, not used to stop: the fine-tuning's validation accuracy chooses
-            row["validation_loss"] = masked_loss(model, validation, mask_id, masking, run.device)
+            row["validation_loss"] = masked_loss(model, validation, mask_id, masking, run.device, first)
         log(f"  MLM step {step:>5} | train loss {row['train_loss']:.3f}"
             + (f" | validation loss {row['validation_loss']:.3f}" if validation is not None else ""))
         return row

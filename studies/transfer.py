@@ -139,7 +139,7 @@ def pretrained_decoder(run: training.Run, text: str, steps: int, seed: int, log=
         result = training.train_language_model(pretraining_run, config, settings, seed, log=log, train_eval_tokens=20_000)
         ids = run.tokenizer.encode(text)
         report = {**result.report(), "tokens": len(ids), "tokens_seen_per_step": settings.batch_size * config.block_size,
-                  "unk_share": ids.count(UNK_ID) / len(ids)}
+                  "unk_share": ids.count(UNK_ID) / len(ids) if run.tokenizer is run.words else 0.0}
         return result.model, {**config.to_dict(), "model": "lm"}, report
 
     return cached(run, "decoder", pretraining_key(run, text, config, settings, seed), pretrain, log)
@@ -178,6 +178,19 @@ def test_streams(run: training.Run) -> dict[str, torch.Tensor]:
     return {name: training.encode_stream(run, text) for name, text in run.data.test_lm.items()}
 
 
+def scored_words(run: training.Run) -> dict[str, int]:
+    """Each test_LM file's scored words (all but the first): the denominator of every perplexity in the study, so
+    that a BPE decoder's figures are word-level and comparable with the word models' (for the word tokenizer, one
+    token is one word and this is the count of scored tokens)."""
+    return {name: len(run.words.split(text)) - 1 for name, text in run.data.test_lm.items()}
+
+
+def word_perplexities(final: dict) -> dict[str, float]:
+    """A decoder's test perplexities per word: train_language_model's word-level figures where its tokenizer is not
+    the word one (it reports them then), else its per-token figures, which are the same."""
+    return final.get("word_perplexity", final["perplexity"])
+
+
 def finetune_lm(run: training.Run, pretrained: Pretrained, seed: int, log) -> dict:
     """The pretrained decoder fine-tuned on train_LM.txt; its figures and per-target NLLs (for the ensemble)."""
     # at the pretraining's context (the finetune preset's 128 is the study's own decoder's)
@@ -187,7 +200,7 @@ def finetune_lm(run: training.Run, pretrained: Pretrained, seed: int, log) -> di
     result = training.train_language_model(run, config, settings, seed, log=log, build_model=pretrained.builder("lm"))
     nlls = {name: gap.target_nlls(result.model, stream, config.block_size, run.device).tolist()
             for name, stream in test_streams(run).items()}
-    return {"perplexity": result.final["perplexity"], "chosen": result.chosen, "target_nlls": nlls,
+    return {"perplexity": word_perplexities(result.final), "chosen": result.chosen, "target_nlls": nlls,
             "train_seconds": result.train_seconds, "num_parameters": result.num_parameters}
 
 
@@ -359,21 +372,22 @@ def _run_job(job: TransferJob) -> tuple[TransferJob, dict]:
 # ---------------------------------------------------------------- the study
 
 
-def ensemble_perplexity(nlls: list[dict[str, list[float]]]) -> dict[str, float]:
+def ensemble_perplexity(nlls: list[dict[str, list[float]]], words: dict[str, int]) -> dict[str, float]:
     """The seed ensemble's perplexity per file: each target's probability is the mean of the members' (as
-    models.averaging.ProbabilityAverage's), from their per-target NLLs."""
+    models.averaging.ProbabilityAverage's), from their per-target NLLs; the file's NLL over its `words` scored words
+    (for the word tokenizer, its number of targets)."""
     found = {}
     for name in nlls[0]:
         members = torch.tensor([member[name] for member in nlls], dtype=torch.float64)  # (M, targets)
         mixture = torch.logsumexp(-members, 0) - math.log(len(nlls))  # (targets,) log of the mean probability
-        found[name] = math.exp(-mixture.mean().item())
+        found[name] = math.exp(-mixture.sum().item() / words[name])
     return found
 
 
-def summarise_lm(reports: list[dict], pretraining_tokens: int) -> dict:
+def summarise_lm(reports: list[dict], pretraining_tokens: int, words: dict[str, int]) -> dict:
     """Mean and spread over seeds, and the seed ensemble."""
     return {"perplexity": {name: spread([r["perplexity"][name] for r in reports]) for name in reports[0]["perplexity"]},
-            "ensemble": {"perplexity": ensemble_perplexity([r["target_nlls"] for r in reports])},
+            "ensemble": {"perplexity": ensemble_perplexity([r["target_nlls"] for r in reports], words)},
             "chosen": [r["chosen"] for r in reports], "seeds": len(reports), "pretraining_tokens": pretraining_tokens,
             "num_parameters": reports[0]["num_parameters"], "train_seconds": spread([r["train_seconds"] for r in reports])}
 
@@ -398,8 +412,8 @@ def course_reference(run: training.Run, context: Context) -> tuple[dict, dict]:
     lm, classifier = {}, {}
     decoder, encoder = context.models.get("decoder absolute"), context.models.get("encoder absolute")
     if decoder is not None:
-        lm = {"perplexity": {name: training.perplexity(decoder, stream, decoder.config.block_size, run.device)
-                             for name, stream in test_streams(run).items()}, "pretraining_tokens": 0}
+        lm = {"perplexity": {name: training.word_perplexity(run, decoder, text, decoder.config.block_size)
+                             for name, text in run.data.test_lm.items()}, "pretraining_tokens": 0}
     if encoder is not None:
         ids, _ = training.classifier_tensors(run, run.data.test_cls, encoder.config.block_size)
         report = training.classifier_report(run, training.predict(encoder, ids, run.device))
@@ -415,7 +429,8 @@ def study(run: training.Run, context: Context, log=print) -> tuple[dict, list[st
     ids, text = pretraining_ids(run)
     log(corpus.format_pretraining_audit(text.audit))
     log(f"transfer: {len(ids):,} pretraining tokens, {100 * ids.count(UNK_ID) / len(ids):.1f}% of them <unk> "
-        f"(the run's {run.words.vocab_size:,}-word vocabulary)")
+        f"(the run's {run.words.vocab_size:,}-word vocabulary" + (")" if run.tokenizer is run.words else
+                                                                 "; the count models' words: the decoder reads BPE)"))
     checkpoints = {"decoder": pretrained_decoder(run, joined(text), context.options["transfer_pretrain_steps"],
                                                  context.seed, log),
                    "encoder": pretrained_encoder(run, text.paragraphs, context.options["transfer_mlm_steps"],
@@ -444,9 +459,10 @@ def study(run: training.Run, context: Context, log=print) -> tuple[dict, list[st
     reference_lm, reference_classifier = course_reference(run, context)
     if reference_lm:
         lm["course base decoder (no pretraining)"] = reference_lm
-    lm["pretrained decoder, not fine-tuned"] = {"perplexity": pretraining["final"]["perplexity"],
+    words = scored_words(run)
+    lm["pretrained decoder, not fine-tuned"] = {"perplexity": word_perplexities(pretraining["final"]),
                                                  "pretraining_tokens": pretraining["tokens"]}
-    lm["pretrained decoder, fine-tuned"] = summarise_lm(finished["lm", "decoder"], pretraining["tokens"])
+    lm["pretrained decoder, fine-tuned"] = summarise_lm(finished["lm", "decoder"], pretraining["tokens"], words)
     classifier.update({name: count_classifier_row(run, found) for name, found in
                        baselines.classifier_baselines(run.data, run.words).items() if name in ("naive_bayes", "tfidf_logreg")})
     # the semi-supervised count classifier: the unlabelled text it can use is the course's own, train_LM.txt
@@ -461,14 +477,14 @@ def study(run: training.Run, context: Context, log=print) -> tuple[dict, list[st
         run, finished["classifier", "encoder"], pretraining["tokens"])
     classifier["pretrained decoder, fine-tuned per president (Bayes' rule)"] = summarise_classifier(
         run, finished["generative", "decoder"], pretraining["tokens"])
-    targets = {name: len(stream) - 1 for name, stream in test_streams(run).items()}
     for row in lm.values():  # a spread's pooled figure is that of its files' means
-        row["pooled_perplexity"] = pooled_perplexity({k: _mean(v) for k, v in row["perplexity"].items()}, targets)
+        row["pooled_perplexity"] = pooled_perplexity({k: _mean(v) for k, v in row["perplexity"].items()}, words)
         if "ensemble" in row:
-            row["ensemble"]["pooled_perplexity"] = pooled_perplexity(row["ensemble"]["perplexity"], targets)
+            row["ensemble"]["pooled_perplexity"] = pooled_perplexity(row["ensemble"]["perplexity"], words)
     return {"lm": lm, "classifier": classifier, "pretraining": pretraining,
             "encoder_pretraining": Pretrained(checkpoints["encoder"]).metrics["pretraining"],
-            "checkpoints": {name: str(folder) for name, folder in checkpoints.items()}, "targets": targets,
+            "checkpoints": {name: str(folder) for name, folder in checkpoints.items()}, "targets": words,
+            "tokenizer": run.settings.tokenizer,
             "audit": text.audit, "seeds": seeds, "seconds": time.perf_counter() - started}, []
 
 
@@ -518,7 +534,7 @@ def plot(results: dict, out: Path):
     pretraining, lm = results["pretraining"], results["lm"]
     figure, axes = utilities.pyplot().subplots(figsize=(7, 4.5))
     tokens = [row["iteration"] * pretraining["tokens_seen_per_step"] for row in pretraining["history"]]
-    curve = [pooled_perplexity(row["perplexity"], results["targets"]) for row in pretraining["history"]]
+    curve = [pooled_perplexity(word_perplexities(row), results["targets"]) for row in pretraining["history"]]
     axes.plot(tokens, curve, marker="o", markersize=3, label="pretrained decoder, not fine-tuned")
     others = [(name, row) for name, row in lm.items() if name != "pretrained decoder, not fine-tuned"]
     for index, (name, row) in enumerate(others, start=1):  # a colour each: the lines are told apart by the legend

@@ -203,7 +203,10 @@ def test_the_ensemble_perplexity_mixes_the_members_probabilities():
     nlls = [{"a": [0.5, 2.0]}, {"a": [1.5, 1.0]}]
     mixed = [(math.exp(-0.5) + math.exp(-1.5)) / 2, (math.exp(-2.0) + math.exp(-1.0)) / 2]  # each target's mean probability
     expected = math.exp(-(math.log(mixed[0]) + math.log(mixed[1])) / 2)
-    assert transfer.ensemble_perplexity(nlls)["a"] == pytest.approx(expected, rel=1e-12)
+    assert transfer.ensemble_perplexity(nlls, {"a": 2})["a"] == pytest.approx(expected, rel=1e-12)
+    # two subword targets that make one word: the NLL is per word
+    per_word = math.exp(-(math.log(mixed[0]) + math.log(mixed[1])))
+    assert transfer.ensemble_perplexity(nlls, {"a": 1})["a"] == pytest.approx(per_word, rel=1e-12)
 
 
 @pytest.fixture
@@ -307,6 +310,30 @@ def test_the_pretraining_cache_is_reused_and_rebuilt_when_edited(tiny_study):
     transfer.pretrained_decoder(tiny_study, text, 4, 0, log=logs.append)
     assert any("incomplete or was edited" in line for line in logs) and (folder / transfer.STAMP).is_file()
     assert transfer.pretrained_decoder(tiny_study, text, 5, 0, log=QUIET) != folder  # other steps, another key
+
+
+def test_a_tiny_transfer_study_with_bpe_reports_every_perplexity_per_word(tiny_study, small_data):
+    bpe = training.make_run(data_dir=small_data, device="cpu", tokenizer="bpe", bpe_vocab=400,
+                            training_flags={"max_iters": 4, "eval_interval": 2, "epochs": 1, "batch_size": 8})
+    bpe = replace(bpe, settings=replace(bpe.settings, cache_dir=tiny_study.settings.cache_dir, out=tiny_study.settings.out))
+    options = {"transfer_pretrain_steps": 4, "transfer_mlm_steps": 2}
+    results, failures = transfer.study(bpe, Context(seed=0, seeds=1, workers=1, options=options), log=QUIET)
+    assert failures == [] and results["tokenizer"] == "bpe"
+    decoder = Pretrained(results["checkpoints"]["decoder"])
+    assert decoder.config.vocab_size == bpe.tokenizer.vocab_size and results["pretraining"]["unk_share"] == 0.0
+    assert results["targets"] == {name: len(bpe.words.split(text)) - 1 for name, text in bpe.data.test_lm.items()}
+    tokens = {name: len(stream) - 1 for name, stream in transfer.test_streams(bpe).items()}
+    assert all(tokens[name] > results["targets"][name] for name in tokens)  # more subwords than words to score
+    # the not-fine-tuned decoder, scored again here per word: its total NLL over the file's scored words
+    model = decoder.builder("lm")(decoder.config).eval()
+    for name, stream in transfer.test_streams(bpe).items():
+        total, _ = training.negative_log_likelihood(model, stream, decoder.config.block_size, "cpu")
+        expected = math.exp(total / results["targets"][name])
+        assert results["lm"]["pretrained decoder, not fine-tuned"]["perplexity"][name] == pytest.approx(expected, rel=1e-5)
+    # one seed: its ensemble (from the per-target NLLs) is the model itself (from train_language_model's word figures)
+    fine_tuned = results["lm"]["pretrained decoder, fine-tuned"]
+    for name in tokens:
+        assert fine_tuned["ensemble"]["perplexity"][name] == pytest.approx(fine_tuned["perplexity"][name]["mean"], rel=1e-5)
 
 
 def test_a_tiny_transfer_study_end_to_end(tiny_study):
