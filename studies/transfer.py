@@ -6,10 +6,11 @@ over: pretrain on plenty of unlabelled text, then fine-tune on the little labell
 2M words of addresses. runtime/corpus.pretraining_text keeps them all but the dataset's test text (a built corpus's
 test addresses whole, and any paragraph that holds a test segment or test line); its audit says what it found.
 
-- Pretraining, in the run's own word vocabulary (so every course perplexity stays comparable with parts two and
-  three; sotu words outside it are `<unk>`): a decoder by next-token prediction (GPT), and an encoder as a masked
-  language model (BERT, studies/pretraining.py), each cached in CACHE_DIR/pretrained/ under a digest of everything
-  that decides it.
+- Pretraining, in the run's own vocabulary: by default the course's words (so every course perplexity stays
+  comparable with parts two and three; sotu words outside it are `<unk>`), with --tokenizer bpe its byte-level BPE
+  (then every perplexity of the study is per word, scored_words): a decoder by next-token prediction (GPT), and an
+  encoder as a masked language model (BERT, studies/pretraining.py), each cached in CACHE_DIR/pretrained/ under a
+  digest of everything that decides it.
 - Fine-tuning (training.PRESETS["finetune"], choices on validation, `--seeds` seeds and their ensemble): the decoder
   on train_LM.txt; on train_CLS.tsv, a classifier that starts from the decoder's trunk, GPT-1 style (Radford et al.,
   2018: the same causal trunk, mean-pooled, and a new head), one that starts from the encoder, and a generative
