@@ -37,6 +37,11 @@ class WordTokenizer:
     def vocab_size(self) -> int:
         return len(self.itos)
 
+    @property
+    def first_ordinary_id(self) -> int:
+        """The first id of an ordinary token: past <pad> and <unk>."""
+        return UNK_ID + 1
+
     def split(self, text: str) -> list[str]:
         """Split text into word tokens (no vocabulary lookup)."""
         if text not in self._cache:
@@ -195,6 +200,11 @@ class ByteBPETokenizer:
     def vocab_size(self) -> int:
         return len(self._bytes)
 
+    @property
+    def first_ordinary_id(self) -> int:
+        """The first id of an ordinary token: past the special tokens."""
+        return len(self.specials)
+
     @classmethod
     def from_texts(cls, texts: Iterable[str], vocab_size: int = 2000, specials: Sequence[str] = SPECIALS) -> "ByteBPETokenizer":
         """Learn merges on `texts` until `vocab_size` ids (specials and bytes included) or no pair is left."""
@@ -278,6 +288,10 @@ class RenumberedBPETokenizer(ByteBPETokenizer):
     @property
     def special_ids(self) -> tuple[int, ...]:
         return tuple(self.token_ids[i] for i in range(len(self.specials)))
+
+    @property
+    def first_ordinary_id(self) -> int:
+        raise ValueError("an outside numbering (GPT-2's) keeps no block of ordinary ids after the special tokens")
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         return [self.token_ids[i] for i in super().encode(text, allow_special)]

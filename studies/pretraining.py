@@ -22,17 +22,11 @@ from torch import nn
 
 import training
 from dataset import EpochBatches, encode_segments, stratified_split
-from tokenizer import PAD_ID, UNK_ID, ByteBPETokenizer
+from tokenizer import PAD_ID, UNK_ID
 from transformer import LayerNorm, Output, TransformerClassifier, TransformerConfig, Trunk, count_parameters, initialise
 
 IGNORE = -100  # F.cross_entropy's ignore_index: positions that were not chosen carry no loss
 FIRST_WORD = UNK_ID + 1  # ids below are <pad> and <unk>; a random replacement is always a real word
-
-
-def first_word(tokenizer) -> int:
-    """The first id a random replacement may take: past the special tokens (the word tokenizer's <pad> and <unk>,
-    BPE's five)."""
-    return len(tokenizer.specials) if isinstance(tokenizer, ByteBPETokenizer) else FIRST_WORD
 
 
 @dataclass(frozen=True)
@@ -176,7 +170,7 @@ def pretrain(run, config: TransformerConfig, masking: MaskingConfig, seed: int, 
         texts = unlabelled_texts(run.data, set(held_out))
     rows = pretraining_rows(run.tokenizer, texts, config.block_size)
     validation = encode_segments(run.tokenizer, held_out, config.block_size) if held_out else None
-    first = first_word(run.tokenizer)
+    first = run.tokenizer.first_ordinary_id  # a random replacement is never a special token
     batches = MaskedBatches(rows, mask_id, masking, torch.Generator().manual_seed(seed), first)
 
     def evaluate(step, recent):
