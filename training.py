@@ -616,7 +616,12 @@ def word_perplexity(run: Run, model, text: str, block_size: int) -> float:
     """Word-level perplexity: the file's total NLL over its word count (minus the unscored first word),
     comparable across tokenizers; for the word tokenizer it equals the per-token figure."""
     total, _ = negative_log_likelihood(model, encode_stream(run, text), block_size, run.device)
-    return math.exp(total / (len(run.words.split(text)) - 1))
+    return math.exp(total / scored_word_count(run, text))
+
+
+def scored_word_count(run: Run, text: str) -> int:
+    """The words of `text` that a perplexity scores: all but the first (it has no context)."""
+    return len(run.words.split(text)) - 1
 
 
 def encode_stream(run: Run, text: str) -> torch.Tensor:

@@ -54,6 +54,11 @@ def ngram_counts(tokenizer: WordTokenizer, text: str) -> Counter:
     return Counter([(i,) for i in ids] + list(pairwise(ids)))
 
 
+def segment_counts(tokenizer: WordTokenizer, texts: Sequence[str]) -> list[Counter]:
+    """ngram_counts of each text."""
+    return [ngram_counts(tokenizer, text) for text in texts]
+
+
 def count_matrix(documents: list[Counter], columns: dict) -> torch.Tensor:
     """Sparse (N, F) float64 counts; features without a column (unseen when fitting) are dropped."""
     entries = [(row, columns[feature], count) for row, document in enumerate(documents)
@@ -233,16 +238,16 @@ def test_groups(speeches: Speeches) -> dict[str, list[bool]]:
 def naive_bayes_test_predictions(speeches: Speeches, tokenizer: WordTokenizer, seed: int = 0) -> tuple[list[int], float]:
     """Naive Bayes fitted as classifier_baselines fits it (α on validation, then all of train_CLS): its class for
     each test_CLS segment, and the α chosen."""
-    train = [ngram_counts(tokenizer, text) for text in speeches.train_cls.texts]
+    train = segment_counts(tokenizer, speeches.train_cls.texts)
     model, alpha, _ = tune_and_fit(NaiveBayes, train, speeches.train_cls.labels, ALPHAS, seed)
-    return model.predict([ngram_counts(tokenizer, text) for text in speeches.test_cls.texts]), alpha
+    return model.predict(segment_counts(tokenizer, speeches.test_cls.texts)), alpha
 
 
 def classifier_baselines(speeches: Speeches, tokenizer: WordTokenizer, seed: int = 0) -> dict:
     """Naive Bayes and TF-IDF logistic regression, tuned on validation, scored on test_CLS (overall and by overlap)."""
     started = time.perf_counter()
-    train = [ngram_counts(tokenizer, text) for text in speeches.train_cls.texts]
-    test = [ngram_counts(tokenizer, text) for text in speeches.test_cls.texts]
+    train = segment_counts(tokenizer, speeches.train_cls.texts)
+    test = segment_counts(tokenizer, speeches.test_cls.texts)
     results = {"feature_seconds": time.perf_counter() - started}
     labels = speeches.train_cls.labels
     groups = test_groups(speeches)
@@ -282,8 +287,8 @@ def semi_supervised_naive_bayes(speeches: Speeches, tokenizer: WordTokenizer, se
     """Naive Bayes by EM with train_LM.txt's lines as the unlabelled documents, α and the weight chosen on the
     validation split classifier_baselines uses; scored on test_CLS as it scores."""
     started = time.perf_counter()
-    train = [ngram_counts(tokenizer, text) for text in speeches.train_cls.texts]
-    unlabelled = [ngram_counts(tokenizer, line) for line in lines_of(speeches.train_lm)]
+    train = segment_counts(tokenizer, speeches.train_cls.texts)
+    unlabelled = segment_counts(tokenizer, lines_of(speeches.train_lm))
     classes = len(speeches.class_names)
 
     class EM:  # tune_and_fit's model class: its grid value is (alpha, weight)
@@ -293,7 +298,7 @@ def semi_supervised_naive_bayes(speeches: Speeches, tokenizer: WordTokenizer, se
 
     grid = [(alpha, weight) for alpha in ALPHAS for weight in EM_WEIGHTS]
     model, (alpha, weight), validation = tune_and_fit(EM, train, speeches.train_cls.labels, grid, seed)
-    predicted = model.predict([ngram_counts(tokenizer, text) for text in speeches.test_cls.texts])
+    predicted = model.predict(segment_counts(tokenizer, speeches.test_cls.texts))
     return {"alpha": alpha, "weight": weight, "unlabelled_lines": len(unlabelled), "validation_accuracy": validation,
             **grouped_accuracy(predicted, speeches.test_cls.labels, test_groups(speeches)),
             "seconds": time.perf_counter() - started}

@@ -183,7 +183,7 @@ def scored_words(run: training.Run) -> dict[str, int]:
     """Each test_LM file's scored words (all but the first): the denominator of every perplexity in the study, so
     that a BPE decoder's figures are word-level and comparable with the word models' (for the word tokenizer, one
     token is one word and this is the count of scored tokens)."""
-    return {name: len(run.words.split(text)) - 1 for name, text in run.data.test_lm.items()}
+    return {name: training.scored_word_count(run, text) for name, text in run.data.test_lm.items()}
 
 
 def word_perplexities(final: dict) -> dict[str, float]:
