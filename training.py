@@ -124,10 +124,12 @@ PRESETS = {
              "warmup_steps": 100, "cosine_decay": True, "validation_fraction": 0.1, "refit": True}),
     ),
     # fine-tuning a pretrained model (--init-from, studies/transfer.py): the sizes come from the checkpoint; a lower
-    # rate and a short schedule, since a few passes over the course's files already move it far; validation chooses
+    # rate, and validation chooses where to stop: the language model's short schedule, since a few passes over
+    # train_LM.txt already move it far; the classifier's 20 epochs, on whose schedule validation peaked at epochs
+    # 4-7 and above every epoch of a 6-epoch one, for the decoder's trunk and the MLM encoder alike
     "finetune": Preset(
         classifier=({"init_std": 0.02, "dropout": 0.1, "label_smoothing": 0.1, "attention": "sdpa"},
-                    {"batch_size": 32, "learning_rate": 3e-4, "weight_decay": 0.01, "epochs": 6, "warmup_steps": 30,
+                    {"batch_size": 32, "learning_rate": 3e-4, "weight_decay": 0.01, "epochs": 20, "warmup_steps": 30,
                      "cosine_decay": True, "validation_fraction": 0.1, "refit": True}),
         lm=({"init_std": 0.02, "dropout": 0.2, "block_size": 128, "attention": "sdpa"},
             {"batch_size": 32, "learning_rate": 3e-4, "weight_decay": 0.1, "max_iters": 60, "eval_interval": 6,
