@@ -125,8 +125,8 @@ PRESETS = {
     ),
     # fine-tuning a pretrained model (--init-from, studies/transfer.py): the sizes come from the checkpoint; a lower
     # rate, and validation chooses where to stop: the language model's short schedule, since a few passes over
-    # train_LM.txt already move it far; the classifier's 20 epochs, on whose schedule validation peaked at epochs
-    # 4-7 and above every epoch of a 6-epoch one, for the decoder's trunk and the MLM encoder alike
+    # train_LM.txt already move it far; the classifier's 20 epochs, whose best epoch on validation was above every
+    # epoch of a 6-epoch schedule, for the decoder's trunk and the MLM encoder alike (docs/transfer.md)
     "finetune": Preset(
         classifier=({"init_std": 0.02, "dropout": 0.1, "label_smoothing": 0.1, "attention": "sdpa"},
                     {"batch_size": 32, "learning_rate": 3e-4, "weight_decay": 0.01, "epochs": 20, "warmup_steps": 30,
