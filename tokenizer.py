@@ -12,6 +12,7 @@ from nltk.tokenize import NLTKWordTokenizer
 
 PAD, UNK = "<pad>", "<unk>"
 PAD_ID, UNK_ID = 0, 1
+FIRST_WORD_ID = UNK_ID + 1  # the word vocabulary's first ordinary word, past <pad> and <unk>
 
 
 class WordTokenizer:
@@ -40,7 +41,7 @@ class WordTokenizer:
     @property
     def first_ordinary_id(self) -> int:
         """The first id of an ordinary token: past <pad> and <unk>."""
-        return UNK_ID + 1
+        return FIRST_WORD_ID
 
     def split(self, text: str) -> list[str]:
         """Split text into word tokens (no vocabulary lookup)."""

@@ -626,6 +626,12 @@ def scored_word_count(run: Run, text: str) -> int:
     return len(run.words.split(text)) - 1
 
 
+def scored_words(run: Run) -> dict[str, int]:
+    """Each test_LM file's scored words: the denominator of a word-level perplexity, comparable across tokenizers
+    (for the word tokenizer, one token is one word and this is the count of scored tokens)."""
+    return {name: scored_word_count(run, text) for name, text in run.data.test_lm.items()}
+
+
 def encode_stream(run: Run, text: str) -> torch.Tensor:
     """Token ids of a whole text as one 1-D stream."""
     return torch.tensor(run.tokenizer.encode(text), dtype=torch.long)

@@ -22,11 +22,10 @@ from torch import nn
 
 import training
 from dataset import EpochBatches, encode_segments, stratified_split
-from tokenizer import PAD_ID, UNK_ID
+from tokenizer import FIRST_WORD_ID, PAD_ID
 from transformer import LayerNorm, Output, TransformerClassifier, TransformerConfig, Trunk, count_parameters, initialise
 
 IGNORE = -100  # F.cross_entropy's ignore_index: positions that were not chosen carry no loss
-FIRST_WORD = UNK_ID + 1  # ids below are <pad> and <unk>; a random replacement is always a real word
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,7 @@ class MaskingConfig:
 
 
 def mask_tokens(ids: torch.Tensor, mask_id: int, masking: MaskingConfig, generator: torch.Generator,
-                pad_id: int = PAD_ID, first: int = FIRST_WORD) -> tuple[torch.Tensor, torch.Tensor]:
+                pad_id: int = PAD_ID, first: int = FIRST_WORD_ID) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets) for (B, T) ids: each real position is chosen with probability masking.rate; a chosen one
     becomes [MASK] (to_mask), a random word (to_random: an id from `first` up to [MASK]) or stays, and is the only
     kind of position with a target."""
@@ -104,7 +103,7 @@ class MaskedBatches:
     """Endless shuffled epochs of rows, each batch masked afresh (dynamic masking, as RoBERTa)."""
 
     def __init__(self, rows: torch.Tensor, mask_id: int, masking: MaskingConfig, generator: torch.Generator,
-                 first: int = FIRST_WORD):
+                 first: int = FIRST_WORD_ID):
         self.epochs = EpochBatches(rows, torch.zeros(len(rows), dtype=torch.long), masking.batch_size, generator)
         self.mask_id, self.masking, self.generator, self.first = mask_id, masking, generator, first
 
@@ -150,7 +149,7 @@ def validation_segments(run, training_config: training.TrainingConfig) -> list[s
 
 @torch.no_grad()
 def masked_loss(model: MaskedLM, rows: torch.Tensor, mask_id: int, masking: MaskingConfig, device,
-                first: int = FIRST_WORD) -> float:
+                first: int = FIRST_WORD_ID) -> float:
     """Mean MLM loss over the chosen positions of `rows`, masked once with a fixed generator (comparable across steps)."""
     model.eval()
     inputs, targets = mask_tokens(rows, mask_id, masking, torch.Generator().manual_seed(0), first=first)

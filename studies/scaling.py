@@ -200,7 +200,7 @@ def _train_slice(job: SliceJob) -> tuple[SliceJob, dict]:
             report = {"perplexity": result.final["perplexity"], "best_iteration": result.chosen,
                       "num_parameters": result.num_parameters}
         report["train_tokens"] = train_words(sliced)
-        report["targets"] = {name: training.scored_word_count(run, t) for name, t in run.data.test_lm.items()}
+        report["targets"] = training.scored_words(run)
         report["pooled_perplexity"] = pooled_perplexity(report["perplexity"], report["targets"])
     else:
         segments = classifier_slice(run.data.train_cls, job.size)

