@@ -122,6 +122,9 @@ def cached(run: training.Run, name: str, key: str, pretrain, log=print) -> Path:
     if folder.exists():
         log(f"transfer: {folder} is incomplete or was edited: pretraining again")
     model, config_dict, report = pretrain()
+    # the weights follow the thread count too (it orders the sums inside the matrix products), so the report names
+    # it; the key leaves it out, so that a checkpoint serves any machine
+    report = {**report, "threads": torch.get_num_threads()}
     utilities.save_checkpoint(folder, model, config_dict, run.tokenizer.to_json(), {"pretraining": report})
     utilities.write_json(folder / STAMP, {"key": key, "files": {name: digest(folder / name)
                                                                 for name in utilities.CHECKPOINT_FILES}})

@@ -312,6 +312,17 @@ def test_the_pretraining_cache_is_reused_and_rebuilt_when_edited(tiny_study):
     assert transfer.pretrained_decoder(tiny_study, text, 5, 0, log=QUIET) != folder  # other steps, another key
 
 
+def test_pretraining_again_with_the_same_seed_and_threads_gives_the_same_weights(tiny_study, monkeypatch):
+    monkeypatch.setattr(transfer, "PRETRAIN_TRAINING", {**transfer.PRETRAIN_TRAINING, "precision": "bf16"})
+    text = "\n".join(p for a in corpus.read_addresses() for p in a.paragraphs)
+    folders = []
+    for cache in ("first", "second"):
+        run = replace(tiny_study, settings=replace(tiny_study.settings, cache_dir=tiny_study.settings.cache_dir / cache))
+        folders.append(transfer.pretrained_decoder(run, text, 4, 0, log=QUIET))
+    assert (folders[0] / "model.safetensors").read_bytes() == (folders[1] / "model.safetensors").read_bytes()
+    assert Pretrained(folders[0]).metrics["pretraining"]["threads"] == torch.get_num_threads()
+
+
 def test_a_tiny_transfer_study_with_bpe_reports_every_perplexity_per_word(tiny_study, small_data):
     bpe = training.make_run(data_dir=small_data, device="cpu", tokenizer="bpe", bpe_vocab=400,
                             training_flags={"max_iters": 4, "eval_interval": 2, "epochs": 1, "batch_size": 8})
