@@ -6,6 +6,7 @@ Kept apart from training.py so that the loop reads the same with one process or 
 """
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 
@@ -58,6 +59,9 @@ def stop():
     # without an active exception", about one run in three here); a peer that has died already fails the barrier
     with contextlib.suppress(RuntimeError):
         dist.barrier()
+    # a DistributedDataParallel left in a reference cycle holds the group until the interpreter's teardown, where
+    # freeing it can abort the process too: collected now, while the interpreter is whole
+    gc.collect()
     dist.destroy_process_group()
 
 

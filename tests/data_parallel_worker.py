@@ -51,3 +51,6 @@ def run(rank: int, world_size: int, port: int, result_dir: str):
         torch.save({"history": history, "weights": model.state_dict()}, Path(result_dir) / f"rank{rank}.pt")
     finally:
         data_parallel.stop()
+    # what this test checks is written; the interpreter's teardown, where gloo's threads can still abort a process
+    # now and then ("terminate called without an active exception"), is skipped
+    os._exit(0)
