@@ -41,9 +41,9 @@ from runtime import corpus
 from studies import baselines, gap, improvement, pretraining
 from studies.scaling import GROWN_FAMILY, GROWN_MODEL, pooled_perplexity
 from studies.study import Context, Option, Study
-from studies.workers import cell, map_jobs, spread, worker_run
+from studies.workers import cell, in_a_fresh_process, map_jobs, spread, worker_run
 from tokenizer import UNK_ID
-from transformer import TransformerClassifier
+from transformer import TransformerClassifier, TransformerLM
 
 # the decoder: the scaling study's choice on its 128k and 256k slices (width 128, 4 layers, context 128), less dropout for
 # 2M words; AdamW with warm-up and cosine decay, bf16 autocast
@@ -132,19 +132,35 @@ def cached(run: training.Run, name: str, key: str, pretrain, log=print) -> Path:
     return folder
 
 
+def _pretrain_decoder(run: training.Run, text: str, config, settings, seed: int, echo: bool) -> tuple:
+    """The decoder's pretraining on `text`: its weights, its report, and its log lines (printed as they come when
+    `echo`, else returned)."""
+    lines = []
+    log = print if echo else lines.append
+    log(f"transfer: pretraining a decoder ({settings.max_iters:,} steps of {settings.batch_size} x {config.block_size} "
+        "tokens)")
+    pretraining_run = replace(run, data=replace(run.data, train_lm=text))
+    result = training.train_language_model(pretraining_run, config, settings, seed, log=log, train_eval_tokens=20_000)
+    ids = run.tokenizer.encode(text)
+    report = {**result.report(), "tokens": len(ids), "tokens_seen_per_step": settings.batch_size * config.block_size,
+              "unk_share": ids.count(UNK_ID) / len(ids) if run.tokenizer is run.words else 0.0}
+    return result.model.state_dict(), report, lines
+
+
 def pretrained_decoder(run: training.Run, text: str, steps: int, seed: int, log=print,
                        compute: dict = PRETRAIN_COMPUTE) -> Path:
-    """The folder of a decoder pretrained on `text` by next-token prediction (cached)."""
+    """The folder of a decoder pretrained on `text` by next-token prediction (cached), trained in a process of its
+    own: inside a process that had trained other models, the same pretraining did not repeat bit for bit
+    (docs/transfer.md, From run to run), while alone it does."""
     config, settings = pretraining_settings(run, steps, compute)
 
     def pretrain():
-        log(f"transfer: pretraining a decoder ({steps:,} steps of {settings.batch_size} x {config.block_size} tokens)")
-        pretraining_run = replace(run, data=replace(run.data, train_lm=text))
-        result = training.train_language_model(pretraining_run, config, settings, seed, log=log, train_eval_tokens=20_000)
-        ids = run.tokenizer.encode(text)
-        report = {**result.report(), "tokens": len(ids), "tokens_seen_per_step": settings.batch_size * config.block_size,
-                  "unk_share": ids.count(UNK_ID) / len(ids) if run.tokenizer is run.words else 0.0}
-        return result.model, {**config.to_dict(), "model": "lm"}, report
+        weights, report, lines = in_a_fresh_process(_pretrain_decoder, run, text, config, settings, seed, log is print)
+        for line in lines:
+            log(line)
+        model = TransformerLM(config)
+        model.load_state_dict({name: tensor.clone() for name, tensor in weights.items()})
+        return model, {**config.to_dict(), "model": "lm"}, report
 
     return cached(run, "decoder", pretraining_key(run, text, config, settings, seed), pretrain, log)
 

@@ -93,6 +93,19 @@ def in_this_process(settings: training.RunSettings):
         torch.set_num_threads(threads)
 
 
+def _init_alone(threads: int):
+    """A process spawned for one call: the caller's thread count and malloc setting."""
+    torch.set_num_threads(threads)
+    keep_freed_memory()
+
+
+def in_a_fresh_process(function, *args):
+    """function(*args), called in a process spawned for it alone, on this process's thread count; its result."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, context, initializer=_init_alone, initargs=(torch.get_num_threads(),)) as pool:
+        return pool.submit(function, *args).result()
+
+
 def worker_run() -> training.Run:
     """The Run a worker process built once from the command's options."""
     return _WORKER["run"]
