@@ -295,21 +295,41 @@ def tiny_study(monkeypatch, tiny_run, tmp_path):
 
 
 def test_the_pretraining_cache_is_reused_and_rebuilt_when_edited(tiny_study):
-    text = "\n".join(p for a in corpus.read_addresses() for p in a.paragraphs)
+    config = transfer.pretraining_settings(tiny_study, 4)[0]
+    calls = []
+
+    def pretrain():  # a stand-in for the pretraining: a decoder whose weights tell the calls apart
+        calls.append(1)
+        torch.manual_seed(len(calls))
+        return TransformerLM(config), {**config.to_dict(), "model": "lm"}, {"tokens": 0}
+
     logs = []
-    folder = transfer.pretrained_decoder(tiny_study, text, 4, 0, log=logs.append)
+    folder = transfer.cached(tiny_study, "decoder", "key", pretrain, logs.append)
     weights = (folder / "model.safetensors").read_bytes()
-    assert transfer.pretrained_decoder(tiny_study, text, 4, 0, log=logs.append) == folder
+    assert transfer.cached(tiny_study, "decoder", "key", pretrain, logs.append) == folder and len(calls) == 1
     assert any("reused" in line for line in logs)
-    (folder / "model.safetensors").write_bytes(weights[:-8] + bytes(8))  # edited
+    (folder / "model.safetensors").write_bytes(weights[:-8] + bytes(byte ^ 0xFF for byte in weights[-8:]))  # edited
     logs.clear()
-    transfer.pretrained_decoder(tiny_study, text, 4, 0, log=logs.append)
-    assert any("incomplete or was edited" in line for line in logs) and (folder / "model.safetensors").read_bytes() == weights
+    transfer.cached(tiny_study, "decoder", "key", pretrain, logs.append)
+    assert any("incomplete or was edited" in line for line in logs) and len(calls) == 2
+    assert Pretrained(folder).metrics["pretraining"]["threads"] == torch.get_num_threads()
     (folder / transfer.STAMP).unlink()  # a checkpoint whose stamp was never written: half-written
     logs.clear()
-    transfer.pretrained_decoder(tiny_study, text, 4, 0, log=logs.append)
+    transfer.cached(tiny_study, "decoder", "key", pretrain, logs.append)
     assert any("incomplete or was edited" in line for line in logs) and (folder / transfer.STAMP).is_file()
-    assert transfer.pretrained_decoder(tiny_study, text, 5, 0, log=QUIET) != folder  # other steps, another key
+    assert transfer.cached(tiny_study, "decoder", "another key", pretrain, QUIET) != folder and len(calls) == 4
+
+
+def test_the_pretraining_key_names_everything_that_decides_the_weights(tiny_study):
+    text = "\n".join(p for a in corpus.read_addresses() for p in a.paragraphs)
+    config, settings = transfer.pretraining_settings(tiny_study, 4)
+    key = transfer.pretraining_key(tiny_study, text, config, settings, 0)
+    assert transfer.pretraining_key(tiny_study, text, config, settings, 0) == key
+    other_steps = transfer.pretraining_settings(tiny_study, 5)
+    assert len({key, transfer.pretraining_key(tiny_study, text, *other_steps, 0),
+                transfer.pretraining_key(tiny_study, text + "x", config, settings, 0),
+                transfer.pretraining_key(tiny_study, text, replace(config, n_embd=32), settings, 0),
+                transfer.pretraining_key(tiny_study, text, config, settings, 1)}) == 5
 
 
 def test_pretraining_again_with_the_same_seed_and_threads_gives_the_same_weights(tiny_study, monkeypatch):
@@ -320,7 +340,6 @@ def test_pretraining_again_with_the_same_seed_and_threads_gives_the_same_weights
         run = replace(tiny_study, settings=replace(tiny_study.settings, cache_dir=tiny_study.settings.cache_dir / cache))
         folders.append(transfer.pretrained_decoder(run, text, 4, 0, log=QUIET))
     assert (folders[0] / "model.safetensors").read_bytes() == (folders[1] / "model.safetensors").read_bytes()
-    assert Pretrained(folders[0]).metrics["pretraining"]["threads"] == torch.get_num_threads()
 
 
 def test_a_tiny_transfer_study_with_bpe_reports_every_perplexity_per_word(tiny_study, small_data):
