@@ -159,7 +159,7 @@ def pretrained_decoder(run: training.Run, text: str, steps: int, seed: int, log=
         for line in lines:
             log(line)
         model = TransformerLM(config)
-        model.load_state_dict({name: tensor.clone() for name, tensor in weights.items()})
+        model.load_state_dict(weights)  # copied into the model's own parameters
         return model, {**config.to_dict(), "model": "lm"}, report
 
     return cached(run, "decoder", pretraining_key(run, text, config, settings, seed), pretrain, log)

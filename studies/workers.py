@@ -21,10 +21,15 @@ from studies import gap
 _WORKER = {}
 
 
+def _init_alone(threads: int):
+    """A spawned process's settings: `threads` threads, and main.py's malloc setting (not inherited by a spawn)."""
+    torch.set_num_threads(threads)
+    keep_freed_memory()
+
+
 def _init_worker(settings: training.RunSettings):
     """Each worker reads the data once and trains on one thread, so two workers fill two cores."""
-    torch.set_num_threads(1)
-    keep_freed_memory()  # a spawned worker does not inherit main.py's malloc setting
+    _init_alone(1)
     _WORKER["run"] = training.build_run(settings, log=lambda *a: None)  # the parent process has said which data
 
 
@@ -91,12 +96,6 @@ def in_this_process(settings: training.RunSettings):
     finally:
         _WORKER.clear()
         torch.set_num_threads(threads)
-
-
-def _init_alone(threads: int):
-    """A process spawned for one call: the caller's thread count and malloc setting."""
-    torch.set_num_threads(threads)
-    keep_freed_memory()
 
 
 def in_a_fresh_process(function, *args):
