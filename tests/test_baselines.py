@@ -2,12 +2,13 @@
 
 import math
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dataset import audit, format_audit, load_speeches, overlap_flags
+from dataset import LabelledSegments, audit, format_audit, load_speeches, overlap_flags, stratified_split
 from studies import baselines
 from studies.baselines import KneserNeyTrigram, NaiveBayes
 from tokenizer import WordTokenizer
@@ -27,6 +28,35 @@ def test_naive_bayes_posterior_matches_hand_arithmetic():
     # counts multiply: a twice is (4/7)² against (1/5)²
     joint_0, joint_1 = 2 / 3 * (4 / 7) ** 2, 1 / 3 * (1 / 5) ** 2
     assert model.log_posterior([Counter({"a": 2})]).exp()[0, 0].item() == pytest.approx(joint_0 / (joint_0 + joint_1))
+
+
+def test_tuning_with_extra_documents_never_hands_them_the_validation_segments():
+    documents = [Counter({f"w{i}": 1}) for i in range(30)]
+    labels = [i % 3 for i in range(30)]
+    calls = []
+
+    def extra(indices):
+        calls.append(sorted(indices))
+        return [], []
+
+    baselines.tune_and_fit(NaiveBayes, documents, labels, [0.1, 1.0], 0, extra)
+    kept, _ = stratified_split(labels, 0.1, seed=0)
+    assert calls == [sorted(kept.tolist())] * 2 + [list(range(30))]  # one fit per grid value, then the refit on all
+
+
+def test_the_speaker_blocks_lines_teach_naive_bayes_a_word_only_they_hold(tiny_speeches):
+    texts = [f"{word} {i}" for word, count in (("alpha", 9), ("beta", 10), ("gamma", 10)) for i in range(count)]
+    labels = [label for label, count in enumerate((9, 10, 10)) for _ in range(count)]
+    # train_LM.txt: class 0's segments with a line of a new word after each, then class 2's segments
+    lines = [line for i in range(9) for line in (f"alpha {i}", "delta delta")] + [f"gamma {i}" for i in range(10)]
+    speeches = replace(tiny_speeches, train_cls=LabelledSegments(texts, labels), train_lm="\n".join(lines) + "\n",
+                       test_cls=LabelledSegments(["delta delta"], [0]))
+    tokenizer = WordTokenizer.from_texts(speeches.vocabulary_texts())
+    plain = baselines.classifier_baselines(speeches, tokenizer)["naive_bayes"]
+    blocks = baselines.classifier_baselines(speeches, tokenizer, blocks=True)["naive_bayes"]
+    # segments alone never show "delta": the prior decides, and class 0 has the fewest segments
+    assert (plain["test_accuracy"], blocks["test_accuracy"]) == (0.0, 100.0)
+    assert baselines.naive_bayes_test_predictions(speeches, tokenizer, blocks=True)[0] == [0]
 
 
 def test_em_reads_words_only_the_unlabelled_documents_hold():

@@ -1,8 +1,11 @@
 """Data reading and batching, against brute-force references."""
 
+from dataclasses import replace
+
 import torch
 
-from dataset import consecutive_windows, random_windows, read_labelled_segments, split_lines, stratified_split
+from dataset import (LabelledSegments, consecutive_windows, random_windows, read_labelled_segments, speaker_blocks,
+                     split_lines, stratified_split)
 
 
 def test_consecutive_windows_predict_every_token_once():
@@ -47,3 +50,16 @@ def test_split_lines_holds_out_the_last_lines():
     assert train + validation == text
     assert validation == "line 18\nline 19\n"
     assert split_lines(text, 0.0) == (text, "")
+
+
+def test_speaker_blocks_label_the_lines_between_two_segments_of_one_speaker(tiny_speeches):
+    segments = LabelledSegments(["A one.", "A three.", "B five.", "B seven.", "V nine.", "A eleven."], [0, 0, 2, 2, 2, 0])
+    lines = ["x zero.", "A one.", "x two.", "A three.", "x four.", "B five.", "x six.", "B seven.", "x eight.",
+             "V nine.", "x ten.", "A eleven.", "x twelve."]
+    speeches = replace(tiny_speeches, train_cls=segments, train_lm="\n".join(lines) + "\n")
+    # by hand: 0-1-2-3 is A's block from line 1, 5-6-7-8-9 B's; 4 and 10 sit between two speakers, 0 and 12 outside
+    assert speaker_blocks(speeches) == [("A one.", 0), ("x two.", 0), ("A three.", 0), ("B five.", 2), ("x six.", 2),
+                                        ("B seven.", 2), ("x eight.", 2), ("V nine.", 2), ("A eleven.", 0)]
+    # without the segment "V nine." (a validation segment): its line is left out, and "x eight." loses the B after it
+    assert speaker_blocks(speeches, [0, 1, 2, 3, 5]) == [("A one.", 0), ("x two.", 0), ("A three.", 0), ("B five.", 2),
+                                                          ("x six.", 2), ("B seven.", 2), ("A eleven.", 0)]

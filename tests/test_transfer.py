@@ -12,7 +12,7 @@ import torch
 import main
 import training
 import utilities
-from dataset import LabelledSegments, WindowBatches, lines_of, split_lines
+from dataset import LabelledSegments, WindowBatches, lines_of, speaker_blocks, split_lines
 from models.pretrained import Pretrained
 from runtime import corpus
 from studies import baselines, transfer
@@ -232,6 +232,36 @@ def test_the_generative_classifier_chooses_its_steps_on_validation_only(tiny_run
     assert again["selection"] == found["selection"] and again["chosen"] == found["chosen"]
 
 
+def test_each_class_stream_is_its_segments_then_its_extra_texts():
+    encoded, labels = [[1, 2], [3], [4, 5], [6]], [0, 1, 0, 1]
+    streams = transfer.class_streams(encoded, labels, [0, 1, 2], 2, extra=[([7], 1), ([8, 9], 0)])
+    assert [stream.tolist() for stream in streams] == [[1, 2, 4, 5, 8, 9], [3, 7]]  # segment 3 is not among the indices
+
+
+def test_with_speaker_blocks_the_generative_classifier_never_trains_on_a_validation_segment(tiny_run, tiny_generative,
+                                                                                           monkeypatch):
+    segments = tiny_run.data.train_cls
+    # a train_LM.txt of speaker blocks: each class's segments in turn, a new line after each
+    lines = [line for label in range(3) for index, text in enumerate(segments.texts) if segments.labels[index] == label
+             for line in (text, f"more of speaker {label} line {index}")]
+    run = replace(tiny_run, data=replace(tiny_run.data, train_lm="\n".join(lines) + "\n"))
+    trained_with = []
+    original = transfer.train_class_decoders
+
+    def recording(run, pretrained, encoded, indices, seed, stop_after=None, validation=None, extra=()):
+        trained_with.append((list(indices), extra))
+        return original(run, pretrained, encoded, indices, seed, stop_after, validation, extra)
+
+    monkeypatch.setattr(transfer, "train_class_decoders", recording)
+    _, found = transfer.generative_classifier(run, tiny_generative, 0, blocks=True)
+    (kept, selection_lines), (everything, refit_lines) = trained_with
+    held_out = {segments.texts[i] for i in set(everything) - set(kept)} - {segments.texts[i] for i in kept}
+    held_out_ids = {tuple(run.tokenizer.encode(text)) for text in held_out}
+    assert held_out and not any(tuple(ids) in held_out_ids for ids, _ in selection_lines)
+    assert selection_lines == transfer.block_lines(run, kept) and refit_lines == transfer.block_lines(run, everything)
+    assert found["labelled_lines"] == len(refit_lines) > len(segments.texts)  # every segment and its new line
+
+
 def test_a_class_without_training_segments_is_never_predicted(tiny_run, tiny_generative):
     segments = tiny_run.data.train_cls
     kept = [index for index, label in enumerate(segments.labels) if label != 2]
@@ -261,6 +291,16 @@ def test_part_one_generative_gives_the_studys_row_and_refuses_what_does_not_fit(
     gap = written["final"]["test_accuracy"] - against["naive_bayes_accuracy"]
     assert gap == pytest.approx(100 * (against["first_only"] - against["second_only"]) / len(run.data.test_cls.texts))
     assert "McNemar's exact p" in out
+    # with the speaker blocks' lines: the study's row of that name, and naive Bayes given the same lines
+    status, out, err = run_main(capsys, "--part", "one", "--data-dir", small_data, "--out", tmp_path, "--init-from",
+                                folder, "--generative", "--speaker-blocks", "--device", "cpu", "--no-plots")
+    assert status == 0, err
+    written = json.loads((tmp_path / "part_one.json").read_text())
+    study_row = transfer.finetune_generative(run, tiny_generative, 42, QUIET, blocks=True)
+    assert written["final"]["test_accuracy"] == study_row["test_accuracy"] and written["chosen"] == study_row["chosen"]
+    assert written["against_naive_bayes"]["all"]["naive_bayes_accuracy"] == pytest.approx(
+        baselines.classifier_baselines(run.data, run.tokenizer, blocks=True)["naive_bayes"]["test_accuracy"])
+    assert f"with {study_row['labelled_lines']} train_LM.txt lines by speaker block" in out
     classifier = tmp_path / "classifier"
     config = training.model_config(training.make_run(data_dir=small_data), "classifier", **TINY_DECODER)
     utilities.save_checkpoint(classifier, TransformerClassifier(config), {**config.to_dict(), "model": "classifier"},
@@ -271,6 +311,9 @@ def test_part_one_generative_gives_the_studys_row_and_refuses_what_does_not_fit(
                           (("--part", "one", "--init-from", folder, "--save", tmp_path / "saved"), "--save")):
         status, _, err = run_main(capsys, *argv, "--data-dir", small_data, "--out", tmp_path, "--generative")
         assert status == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    for argv in (("--part", "one"), ("--part", "three")):  # neither --generative nor --transfer
+        status, _, err = run_main(capsys, *argv, "--speaker-blocks", "--data-dir", small_data, "--out", tmp_path)
+        assert status == 2 and "applies to --transfer and to part one's --generative" in err, err
     assert not (tmp_path / "saved").exists()
 
 
@@ -346,7 +389,7 @@ def test_a_tiny_transfer_study_with_bpe_reports_every_perplexity_per_word(tiny_s
     bpe = training.make_run(data_dir=small_data, device="cpu", tokenizer="bpe", bpe_vocab=400,
                             training_flags={"max_iters": 4, "eval_interval": 2, "epochs": 1, "batch_size": 8})
     bpe = replace(bpe, settings=replace(bpe.settings, cache_dir=tiny_study.settings.cache_dir, out=tiny_study.settings.out))
-    options = {"transfer_pretrain_steps": 4, "transfer_mlm_steps": 2}
+    options = {"transfer_pretrain_steps": 4, "transfer_mlm_steps": 2, "speaker_blocks": False}
     results, failures = transfer.study(bpe, Context(seed=0, seeds=1, workers=1, options=options), log=QUIET)
     assert failures == [] and results["tokenizer"] == "bpe"
     decoder = Pretrained(results["checkpoints"]["decoder"])
@@ -367,9 +410,16 @@ def test_a_tiny_transfer_study_with_bpe_reports_every_perplexity_per_word(tiny_s
 
 
 def test_a_tiny_transfer_study_end_to_end(tiny_study):
-    options = {"transfer_pretrain_steps": 4, "transfer_mlm_steps": 3}
+    options = {"transfer_pretrain_steps": 4, "transfer_mlm_steps": 3, "speaker_blocks": True}
     results, failures = transfer.study(tiny_study, Context(seed=0, seeds=2, workers=1, options=options), log=QUIET)
     assert failures == []
+    blocks = transfer.BLOCKS  # like with like: the count classifiers see the lines the generative classifier sees
+    lines = len(speaker_blocks(tiny_study.data))
+    assert {f"naive_bayes{blocks}", f"tfidf_logreg{blocks}", f"pretrained decoder, fine-tuned per president (Bayes' rule)"
+            f"{blocks}"} == {name for name in results["classifier"] if name.endswith(blocks)}
+    assert {results["classifier"][name]["labelled_examples"] for name in results["classifier"] if name.endswith(blocks)} \
+        == {len(tiny_study.data.train_cls.texts) + lines}
+    results["classifier"] = {name: row for name, row in results["classifier"].items() if not name.endswith(blocks)}
     assert {"kneser_ney (train_LM.txt)", "kneser_ney (train_LM.txt, mixed with sotu)", "kneser_ney_5 (train_LM.txt)",
             "kneser_ney_5 (train_LM.txt, mixed with sotu)", "pretrained decoder, not fine-tuned",
             "pretrained decoder, fine-tuned"} == set(results["lm"])
