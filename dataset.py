@@ -159,16 +159,17 @@ def audit(speeches: Speeches) -> dict:
     train_cls, train_lm = set(speeches.train_cls.texts), speeches.train_lm
     train_lm_lines = set(lines_of(train_lm))
     labelled = set(zip(speeches.train_cls.texts, speeches.train_cls.labels))
-    test = speeches.test_cls
+    test, blocks = speeches.test_cls, {line for line, _ in speaker_blocks(speeches)}
     test_cls = {"segments": len(test.texts), **{k: sum(v) for k, v in overlap_flags(speeches).items()},
                 "in_train_lm_as_line": sum(text in train_lm_lines for text in test.texts),
-                "in_train_cls_same_label": sum(pair in labelled for pair in zip(test.texts, test.labels))}
+                "in_train_cls_same_label": sum(pair in labelled for pair in zip(test.texts, test.labels)),
+                "unseen_in_speaker_blocks": sum(text in blocks and text not in train_cls for text in test.texts)}
     test_lm = {name: {"lines": len(lines), "in_train_cls": sum(line in train_cls for line in lines),
                       "in_train_lm": sum(line in train_lm for line in lines)}
                for name, lines in ((name, lines_of(text)) for name, text in speeches.test_lm.items())}
     train = {"train_cls_segments": len(speeches.train_cls.texts), "train_cls_in_train_lm": sum(t in train_lm for t in train_cls),
              "train_cls_distinct": len(train_cls), "train_lm_lines": len(train_lm_lines),
-             "train_lm_lines_in_train_cls": len(train_lm_lines & train_cls)}
+             "train_lm_lines_in_train_cls": len(train_lm_lines & train_cls), "train_lm_lines_in_speaker_blocks": len(blocks)}
     return {"test_cls": test_cls, "test_lm": test_lm, "train": train}
 
 
@@ -184,6 +185,9 @@ def format_audit(report: dict) -> str:
     lines.append(f"train_CLS vs train_LM: {train['train_cls_in_train_lm']} of {train['train_cls_distinct']} distinct "
                  f"segments occur in train_LM.txt; {train['train_lm_lines_in_train_cls']} of {train['train_lm_lines']} "
                  "distinct train_LM lines are train_CLS segments")
+    lines.append(f"speaker blocks: {train['train_lm_lines_in_speaker_blocks']} distinct train_LM lines "
+                 "sit between two train_CLS segments of one president; "
+                 f"{cls['unseen_in_speaker_blocks']} of the test_CLS segments not in train_CLS.tsv are among them")
     return "\n".join(lines)
 
 

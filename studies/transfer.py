@@ -439,7 +439,8 @@ def summarise_classifier(run: training.Run, reports: list[dict], pretraining_tok
 
 def count_classifier_row(run: training.Run, found: dict, **extra) -> dict:
     """A count classifier's row: its test accuracies (baselines' report `found`), what it saw, and `extra`."""
-    return {**{key: found[key] for key in CLASSIFIER_KEYS}, "labelled_examples": len(run.data.train_cls.texts), **extra,
+    return {**{key: found[key] for key in (*CLASSIFIER_KEYS, "test_accuracy_unseen_both")},
+            "labelled_examples": len(run.data.train_cls.texts), **extra,
             "pretraining_tokens": 0, "seeds": 1}
 
 

@@ -185,12 +185,13 @@ def test_audit_counts_on_a_hand_made_dataset(tiny_speeches):
     # "Seven eight." sits inside a train_LM line; "Nine ten." is nowhere
     # "One two." comes twice in test and counts twice; "Three four." has another label in train
     assert report["test_cls"] == {"segments": 5, "in_train_cls": 3, "in_train_lm": 4, "in_neither": 1,
-                                  "in_train_lm_as_line": 1, "in_train_cls_same_label": 2}
+                                  "in_train_lm_as_line": 1, "in_train_cls_same_label": 2, "unseen_in_speaker_blocks": 0}
     assert report["test_lm"] == {"obama": {"lines": 2, "in_train_cls": 1, "in_train_lm": 1},
                                  "wbush": {"lines": 2, "in_train_cls": 2, "in_train_lm": 1},
                                  "hbush": {"lines": 1, "in_train_cls": 0, "in_train_lm": 0}}
     assert report["train"] == {"train_cls_segments": 3, "train_cls_in_train_lm": 2, "train_cls_distinct": 3,
-                               "train_lm_lines": 3, "train_lm_lines_in_train_cls": 1}
+                               "train_lm_lines": 3, "train_lm_lines_in_train_cls": 1,
+                               "train_lm_lines_in_speaker_blocks": 1}  # "Three four.", a block of one line
     assert "4 in train_LM.txt (1 as a whole line), 1 in neither" in format_audit(report)
 
 

@@ -4,8 +4,15 @@ from dataclasses import replace
 
 import torch
 
-from dataset import (LabelledSegments, consecutive_windows, random_windows, read_labelled_segments, speaker_blocks,
-                     split_lines, stratified_split)
+from dataset import (
+    LabelledSegments,
+    consecutive_windows,
+    random_windows,
+    read_labelled_segments,
+    speaker_blocks,
+    split_lines,
+    stratified_split,
+)
 
 
 def test_consecutive_windows_predict_every_token_once():
