@@ -260,10 +260,10 @@ def train_class_decoders(run: training.Run, pretrained: Pretrained, encoded: lis
                          extra: list[tuple[list[int], int]] = ()) -> tuple[list, list[dict]]:
     """One decoder per class, each started from the pretrained one and fine-tuned on its class's segments among
     `indices` (`encoded`: the token ids of every train_CLS segment) and its `extra` texts (class_streams), on
-    GENERATIVE_TRAINING's schedule (its first
-    `stop_after` steps); with `validation` rows, each evaluation records every row's log-likelihood under the
-    class's decoder. A class with fewer tokens than a window trains on shorter windows; one with no segments keeps
-    the pretrained decoder (its prior is 0). Returns the decoders and, per class, {step: (N,) log-likelihoods}."""
+    GENERATIVE_TRAINING's schedule (its first `stop_after` steps); with `validation` rows, each evaluation records
+    every row's log-likelihood under the class's decoder. A class with fewer tokens than a window trains on shorter
+    windows; one with no text keeps the pretrained decoder (with no segments, its prior is 0). Returns the decoders
+    and, per class, {step: (N,) log-likelihoods}."""
     config = generative_config(run, pretrained)
     settings = replace(training.training_config(run, "lm", preset="finetune"), **GENERATIVE_TRAINING,
                        stop_after=stop_after, validation_fraction=0.0, refit=False).validate()
