@@ -211,18 +211,17 @@ def tune_and_fit(model_class, documents: list[Counter], labels: list[int], grid:
     given the indices a fit trains on, returns more (documents, labels) to train on beside them."""
     train, validation = (part.tolist() for part in stratified_split(labels, 0.1, seed=seed))
 
-    def fit(indices, value):
+    def training_set(indices):  # built once per set of indices, not once per grid value
         more_documents, more_labels = extra(indices) if extra else ([], [])
-        return model_class.fit([documents[i] for i in indices] + more_documents,
-                               [labels[i] for i in indices] + more_labels, value)
+        return [documents[i] for i in indices] + more_documents, [labels[i] for i in indices] + more_labels
 
-    scores = {}
+    scores, selection = {}, training_set(train)
     with one_thread():
         for value in grid:
-            model = fit(train, value)
+            model = model_class.fit(*selection, value)
             scores[value] = accuracy(model.predict([documents[i] for i in validation]), [labels[i] for i in validation])
         best = max(grid, key=scores.get)  # the first of equal scores, in grid order
-        model = fit(list(range(len(documents))), best)
+        model = model_class.fit(*training_set(list(range(len(documents)))), best)
     return model, best, {str(value): score for value, score in scores.items()}
 
 
