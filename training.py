@@ -512,26 +512,33 @@ def classifier_report(run: Run, probabilities: torch.Tensor) -> dict:
 
 def train_classifier(run: Run, config: TransformerConfig, training: TrainingConfig, seed: int, log=print,
                      harness: Harness | None = None, build_model=None, wrap_batches=None,
-                     patience: int | None = None) -> TrainResult:
+                     patience: int | None = None, extra=None) -> TrainResult:
     """Train the encoder classifier: its per-epoch rows, and the test accuracies of the model returned.
     The studies' hooks: wrap_batches(batches, seed) changes the training batches (dataset.token_dropout's); patience
-    stops a run with a validation split early (fit's, counted in epochs).
+    stops a run with a validation split early (fit's, counted in epochs); extra(indices) gives more (text, label)
+    training examples for a fit on the train_CLS segments `indices` (dataset.speaker_blocks'), never validation's.
     build_model(config), if given, makes the classifier (pretraining.py's starts from a pretrained encoder)."""
     torch.manual_seed(seed)
     model = (build_model(config) if build_model else TransformerClassifier(config)).to(run.device)
     train_ids, train_labels = classifier_tensors(run, run.data.train_cls, config.block_size)
     test_ids, test_labels = classifier_tensors(run, run.data.test_cls, config.block_size)
-    validation = None
+    validation, kept = None, torch.arange(len(train_labels))
     if training.validation_fraction > 0:  # the same split for every seed: it depends on the data only
         kept, held_out = stratified_split(run.data.train_cls.labels, training.validation_fraction, seed=0)
         validation = (train_ids[held_out], train_labels[held_out])
         train_ids, train_labels = train_ids[kept], train_labels[kept]
+    pairs = extra(kept.tolist()) if extra is not None else []
+    more = LabelledSegments([text for text, _ in pairs], [label for _, label in pairs])
+    if more.texts:  # after the segments: EpochBatches shuffles them together
+        more_ids, more_labels = classifier_tensors(run, more, config.block_size)
+        train_ids, train_labels = torch.cat([train_ids, more_ids]), torch.cat([train_labels, more_labels])
     batches = EpochBatches(train_ids, train_labels, training.batch_size, torch.Generator().manual_seed(seed))
     if wrap_batches is not None:
         batches = wrap_batches(batches, seed)
     steps_per_epoch = math.ceil(len(train_ids) / training.batch_size)
     harness = harness or Harness()
-    data = "\n".join(f"{label}\t{text}" for label, text in zip(run.data.train_cls.labels, run.data.train_cls.texts))
+    data = "\n".join(f"{label}\t{text}" for label, text in zip(run.data.train_cls.labels + more.labels,
+                                                               run.data.train_cls.texts + more.texts))
     harness = replace(harness, identity=run_identity(run, "classifier", config, training, seed, data, harness),
                       save_last=validation is not None and training.refit)
 
@@ -560,7 +567,8 @@ def train_classifier(run: Run, config: TransformerConfig, training: TrainingConf
     if validation is not None and training.refit:
         selection = TrainResult(model, count_parameters(model), "epoch", epochs, {}, seconds)
         return refit_after(selection, training, lambda refit: train_classifier(
-            run, config, refit, seed, log, harness.for_refit(f"{harness.name}_refit"), build_model, wrap_batches), TRAIN_CLS, log)
+            run, config, refit, seed, log, harness.for_refit(f"{harness.name}_refit"), build_model, wrap_batches,
+            extra=extra), TRAIN_CLS, log)
     # fit() restores the best validation evaluation's weights; without validation the model is the last evaluated
     # one, unless this process did not evaluate (a data parallel worker) or a resumed run had no step left to take
     probabilities = latest.get("test") if validation is None else None

@@ -73,9 +73,9 @@ STAMP = "pretraining.json"  # written last into a cached checkpoint: its key and
 
 @dataclass(frozen=True)
 class TransferJob:
-    """One piece of the study on a worker: task lm | classifier | generative | generative_blocks (a fine-tuning from
-    `checkpoint`, the pretrained decoder or encoder that `start` names), or count_lm (on `pretraining_ids`, the
-    text's ids the study already has)."""
+    """One piece of the study on a worker: task lm | classifier | generative, or classifier_blocks |
+    generative_blocks with train_LM.txt's lines by speaker block (a fine-tuning from `checkpoint`, the pretrained
+    decoder or encoder that `start` names), or count_lm (on `pretraining_ids`, the text's ids the study already has)."""
 
     task: str
     seed: int = 0
@@ -222,12 +222,14 @@ def finetune_lm(run: training.Run, pretrained: Pretrained, seed: int, log) -> di
             "train_seconds": result.train_seconds, "num_parameters": result.num_parameters}
 
 
-def finetune_classifier(run: training.Run, pretrained: Pretrained, seed: int, log) -> dict:
-    """A classifier started from the pretrained decoder's trunk, fine-tuned on train_CLS.tsv; its figures and test
-    probabilities (for the ensemble)."""
+def finetune_classifier(run: training.Run, pretrained: Pretrained, seed: int, log, blocks: bool = False) -> dict:
+    """A classifier started from the pretrained model's trunk, fine-tuned on train_CLS.tsv (with `blocks`, and on
+    the train_LM.txt lines of its speaker blocks from the segments it trains on); its figures and test probabilities
+    (for the ensemble)."""
     config = pretrained.config_for("classifier", training.model_config(run, "classifier", preset="finetune"))
     settings = replace(training.training_config(run, "classifier", preset="finetune"), precision=FINETUNE_PRECISION)
-    result = training.train_classifier(run, config, settings, seed, log=log, build_model=pretrained.builder("classifier"))
+    result = training.train_classifier(run, config, settings, seed, log=log, build_model=pretrained.builder("classifier"),
+                                       extra=partial(speaker_blocks, run.data) if blocks else None)
     ids, _ = training.classifier_tensors(run, run.data.test_cls, config.block_size)
     return {**{key: value for key, value in result.final.items() if key.startswith(("test_", "num_test"))},
             "chosen": result.chosen, "probabilities": training.predict(result.model, ids, run.device).tolist(),
@@ -399,6 +401,7 @@ def _run_job(job: TransferJob) -> tuple[TransferJob, dict]:
         report = count_language_models(run, job.pretraining_ids)
     else:
         work = {"lm": finetune_lm, "classifier": finetune_classifier, "generative": finetune_generative,
+                "classifier_blocks": partial(finetune_classifier, blocks=True),
                 "generative_blocks": partial(finetune_generative, blocks=True)}[job.task]
         report = work(run, Pretrained(Path(job.checkpoint)), job.seed, quiet)
     report["seconds"] = time.perf_counter() - started
@@ -474,17 +477,17 @@ def study(run: training.Run, context: Context, log=print) -> tuple[dict, list[st
                                                  context.seed, log)}
     pretraining = Pretrained(checkpoints["decoder"]).metrics["pretraining"]
     seeds = [context.seed + offset for offset in range(context.seeds)]
-    # the longest jobs first (the generative classifier's, then the decoder's fine-tuning), so that the workers end
-    # together rather than one finishing a long job alone
-    generative = ("generative", "generative_blocks") if context.options["speaker_blocks"] else ("generative",)
-    jobs = [*(TransferJob(task, seed, str(checkpoints["decoder"])) for task in generative for seed in seeds),
+    # the longest jobs first (the generative classifiers', then the classifiers' 20-epoch fine-tunings, the decoder's
+    # last), so that the workers end together rather than one finishing a long job alone
+    blocks = ("", "_blocks") if context.options["speaker_blocks"] else ("",)
+    jobs = [*(TransferJob(f"generative{kind}", seed, str(checkpoints["decoder"])) for kind in blocks for seed in seeds),
+            *(TransferJob(f"classifier{kind}", seed, str(checkpoints[start]), start)
+              for kind in reversed(blocks) for start in checkpoints for seed in seeds),
             *(TransferJob("lm", seed, str(checkpoints["decoder"])) for seed in seeds),
-            *(TransferJob("classifier", seed, str(checkpoints[start]), start) for start in checkpoints for seed in seeds),
             TransferJob("count_lm", pretraining_ids=ids)]
     log(f"transfer: {len(jobs) - 1} fine-tunings and the count models on {context.workers} workers")
     lm, classifier = {}, {}
-    finished = {("lm", "decoder"): [], ("classifier", "decoder"): [], ("classifier", "encoder"): [],
-                **{(task, "decoder"): [] for task in generative}}
+    finished = {(job.task, job.start): [] for job in jobs if job.task != "count_lm"}
     for job, report in map_jobs(run.settings, jobs, context.workers, _run_job):
         if job.task == "count_lm":
             log(f"  count models: {report.pop('seconds'):.0f} s")
@@ -521,8 +524,11 @@ def study(run: training.Run, context: Context, log=print) -> tuple[dict, list[st
                                                                    labelled_examples=len(run.data.train_cls.texts) + lines)
                            for name, found in baselines.classifier_baselines(run.data, run.words, blocks=True).items()
                            if name in ("naive_bayes", "tfidf_logreg")})
-        classifier[f"pretrained decoder, fine-tuned per president (Bayes' rule){BLOCKS}"] = summarise_classifier(
-            run, finished["generative_blocks", "decoder"], pretraining["tokens"], lines)
+        for name, task, start in (("pretrained decoder, fine-tuned as a classifier", "classifier_blocks", "decoder"),
+                                  ("MLM-pretrained encoder, fine-tuned", "classifier_blocks", "encoder"),
+                                  ("pretrained decoder, fine-tuned per president (Bayes' rule)", "generative_blocks",
+                                   "decoder")):
+            classifier[f"{name}{BLOCKS}"] = summarise_classifier(run, finished[task, start], pretraining["tokens"], lines)
     for row in lm.values():  # a spread's pooled figure is that of its files' means
         row["pooled_perplexity"] = pooled_perplexity({k: _mean(v) for k, v in row["perplexity"].items()}, words)
         if "ensemble" in row:
@@ -600,6 +606,7 @@ STUDY = Study("transfer", "transfer", "transfer (pretrain on sotu, fine-tune on 
                               "with --transfer: the encoder's masked-LM pretraining steps of 64 x 32 tokens (cached)",
                               minimum=1),
                        Option("speaker_blocks", bool, False,
-                              "with --transfer, or part one's --generative: also train the generative classifier, naive "
-                              "Bayes and logistic regression on train_LM.txt's lines labelled by the speaker block they "
-                              "sit in (between two train_CLS segments of one president; rows of their own)")))
+                              "with --transfer, or part one's --generative: also train every classifier (the count "
+                              "models, the fine-tuned decoder and encoder, the generative one) on train_LM.txt's lines "
+                              "labelled by the speaker block they sit in (between two train_CLS segments of one "
+                              "president; rows of their own)")))

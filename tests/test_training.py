@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import training
-from dataset import load_speeches
+from dataset import load_speeches, stratified_split
 from training import (
     TrainingConfig,
     classifier_report,
@@ -208,6 +208,29 @@ def test_without_curves_the_figures_are_the_same_and_only_validation_is_scored_a
     assert not any("perplexity" in row or "train_perplexity" in row for row in runs[1].history)
     assert [row.get("validation_perplexity") for row in runs[0].history] == [
         row.get("validation_perplexity") for row in runs[1].history]
+
+
+def test_a_classifiers_extra_examples_come_from_the_segments_it_trains_on_and_join_its_batches(small_data, monkeypatch):
+    """extra(indices) is asked for the selection's segments (never validation's), then for the refit's (all); what it
+    gives joins the training batches of each."""
+    run = make_run(data_dir=small_data, device="cpu", preset="best", training_flags={"epochs": 2, "batch_size": 32},
+                   model_flags={"n_layer": 1, "n_embd": 16, "ff_hidden": 16, "block_size": 16})
+    settings = training_config(run, "classifier")
+    asked, batched = [], []
+
+    def extra(indices):
+        asked.append(list(indices))
+        return [(f"an extra example {index}", index % 3) for index in range(7)]
+
+    original = training.EpochBatches
+    monkeypatch.setattr(training, "EpochBatches", lambda ids, labels, *rest: batched.append(labels.tolist())
+                        or original(ids, labels, *rest))
+    training.train_classifier(run, model_config(run, "classifier"), settings, 1, log=lambda *a: None, extra=extra)
+    labels = run.data.train_cls.labels
+    kept, _ = stratified_split(labels, settings.validation_fraction, seed=0)
+    assert settings.refit and asked == [kept.tolist(), list(range(len(labels)))]
+    extra_labels = [index % 3 for index in range(7)]
+    assert batched == [[labels[index] for index in kept.tolist()] + extra_labels, labels + extra_labels]
 
 
 @pytest.mark.parametrize("preset", [None, "best"])

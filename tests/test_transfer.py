@@ -413,10 +413,12 @@ def test_a_tiny_transfer_study_end_to_end(tiny_study):
     options = {"transfer_pretrain_steps": 4, "transfer_mlm_steps": 3, "speaker_blocks": True}
     results, failures = transfer.study(tiny_study, Context(seed=0, seeds=2, workers=1, options=options), log=QUIET)
     assert failures == []
-    blocks = transfer.BLOCKS  # like with like: the count classifiers see the lines the generative classifier sees
+    blocks = transfer.BLOCKS  # like with like: every classifier row with the blocks sees the same lines
     lines = len(speaker_blocks(tiny_study.data))
-    assert {f"naive_bayes{blocks}", f"tfidf_logreg{blocks}", f"pretrained decoder, fine-tuned per president (Bayes' rule)"
-            f"{blocks}"} == {name for name in results["classifier"] if name.endswith(blocks)}
+    assert {f"{name}{blocks}" for name in ("naive_bayes", "tfidf_logreg", "pretrained decoder, fine-tuned as a classifier",
+                                           "MLM-pretrained encoder, fine-tuned",
+                                           "pretrained decoder, fine-tuned per president (Bayes' rule)")} \
+        == {name for name in results["classifier"] if name.endswith(blocks)}
     assert {results["classifier"][name]["labelled_examples"] for name in results["classifier"] if name.endswith(blocks)} \
         == {len(tiny_study.data.train_cls.texts) + lines}
     results["classifier"] = {name: row for name, row in results["classifier"].items() if not name.endswith(blocks)}
