@@ -7,13 +7,14 @@ import shlex
 import sys
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
 
 import training
 import utilities
-from dataset import TEST_LM, DataError, audit, format_audit, read_labelled_segments, read_text
+from dataset import TEST_LM, DataError, audit, format_audit, read_labelled_segments, read_text, speaker_blocks
 from models.pretrained import Pretrained
 from runtime import corpus
 from runtime import parallel as data_parallel
@@ -46,7 +47,7 @@ from transformer import TransformerConfig
 # part three's studies, in the order they run: each a flag (and its options) built from its row
 STUDIES = (heads.STUDY, span_corruption.STUDY, exploration.STUDY, improvement.STUDY, scaling.STUDY, gap.STUDY,
            transfer.STUDY, instruct.STUDY)
-GENERATIVE_OPTIONS = ("speaker_blocks",)  # study options that part one's --generative also takes
+PART_ONE_OPTIONS = ("speaker_blocks",)  # study options that part one also takes (its encoder or --generative)
 
 # ---------------------------------------------------------------- the parts
 
@@ -115,10 +116,14 @@ def train_part(run: Run, args, part: str, task: str) -> tuple[training.TrainResu
     train, extra, prefix = (train_classifier, extra_accuracy, "part1_encoder") if task == "classifier" else (
         train_language_model, extra_perplexity, "part2_decoder")
     config, build_model = start_from(run, args, task)
+    # --speaker-blocks: train_LM.txt's lines by speaker block join the training segments (never validation's)
+    blocks = {"extra": partial(speaker_blocks, run.data)} if args.speaker_blocks else {}
     trained = train(run, config, training_config(run, task), args.seed, harness=harness(run, args, part),
-                    build_model=build_model)
+                    build_model=build_model, **blocks)
     if args.init_from is not None:
         print(f"fine-tuned from {args.init_from}")
+    if blocks:
+        print(f"trained with {len(speaker_blocks(run.data))} train_LM.txt lines by speaker block")
     failures = check_attention(run, trained.model, task == "lm", prefix)
     result = {"vocab_size": run.tokenizer.vocab_size, "tokenizer": run.settings.tokenizer, **trained.report(),
               "extra": extra(run, trained.model)}
@@ -393,12 +398,12 @@ def check_options(parser: argparse.ArgumentParser, args):
         if option.minimum is not None and value is not None and value < option.minimum:
             bound = "positive" if option.minimum == 1 else f"at least {option.minimum}"
             raise ValueError(f"--{option.name.replace('_', '-')} must be {bound}, got {value}")
-    if args.speaker_blocks and not (args.generative or args.transfer):
-        raise ValueError("--speaker-blocks applies to --transfer and to part one's --generative")
+    if args.speaker_blocks and not (args.part == "one" or args.transfer):
+        raise ValueError("--speaker-blocks applies to part one and to part three's --transfer")
     # the options of part three's studies, given to part one or two, would be silently ignored
     names = [*(study.flag for study in STUDIES), *(option.name for option in options)]
     given = [name for name in names if getattr(args, name) != parser.get_default(name)
-             and not (args.generative and name in GENERATIVE_OPTIONS)]
+             and not (args.part == "one" and name in PART_ONE_OPTIONS)]
     if args.part != "three" and given:
         raise ValueError(f"--{given[0].replace('_', '-')} applies to part three only: use it with --part three")
     if args.part == "three" and (args.checkpoint_every or args.resume or args.init_from

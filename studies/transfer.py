@@ -606,7 +606,7 @@ STUDY = Study("transfer", "transfer", "transfer (pretrain on sotu, fine-tune on 
                               "with --transfer: the encoder's masked-LM pretraining steps of 64 x 32 tokens (cached)",
                               minimum=1),
                        Option("speaker_blocks", bool, False,
-                              "with --transfer, or part one's --generative: also train every classifier (the count "
-                              "models, the fine-tuned decoder and encoder, the generative one) on train_LM.txt's lines "
-                              "labelled by the speaker block they sit in (between two train_CLS segments of one "
-                              "president; rows of their own)")))
+                              "with --transfer: also train every classifier (the count models, the fine-tuned decoder "
+                              "and encoder, the generative one) on train_LM.txt's lines labelled by the speaker block "
+                              "they sit in (between two train_CLS segments of one president; rows of their own); with "
+                              "part one, its classifier")))

@@ -311,10 +311,32 @@ def test_part_one_generative_gives_the_studys_row_and_refuses_what_does_not_fit(
                           (("--part", "one", "--init-from", folder, "--save", tmp_path / "saved"), "--save")):
         status, _, err = run_main(capsys, *argv, "--data-dir", small_data, "--out", tmp_path, "--generative")
         assert status == 2 and message in err and len(err.strip().splitlines()) == 1, err
-    for argv in (("--part", "one"), ("--part", "three")):  # neither --generative nor --transfer
+    for argv in (("--part", "two"), ("--part", "three")):  # neither part one nor --transfer
         status, _, err = run_main(capsys, *argv, "--speaker-blocks", "--data-dir", small_data, "--out", tmp_path)
-        assert status == 2 and "applies to --transfer and to part one's --generative" in err, err
+        assert status == 2 and "applies to part one and to part three's --transfer" in err, err
     assert not (tmp_path / "saved").exists()
+
+
+def test_part_one_with_the_speaker_blocks_gives_the_studys_fine_tuned_classifier_row(small_data, saved_decoder,
+                                                                                    tmp_path, capsys):
+    folder, _ = saved_decoder
+    written = {}
+    for blocks in ((), ("--speaker-blocks",)):
+        status, out, err = run_main(capsys, "--part", "one", "--data-dir", small_data, "--out", tmp_path, "--init-from",
+                                    folder, "--preset", "finetune", "--precision", "bf16", "--block-size", "16",
+                                    "--epochs", "2", *blocks, "--device", "cpu", "--no-plots")
+        assert status == 0, err
+        written[blocks] = json.loads((tmp_path / "part_one.json").read_text())
+    run = training.make_run(data_dir=small_data, device="cpu", model_flags={"block_size": 16},
+                            training_flags={"epochs": 2})  # the commands' run: the tiny decoder's 16 positions
+    assert f"trained with {len(speaker_blocks(run.data))} train_LM.txt lines by speaker block" in out
+    study_row = transfer.finetune_classifier(run, Pretrained(folder), 42, QUIET, blocks=True)  # the default seed
+    with_blocks = written[("--speaker-blocks",)]
+    assert (with_blocks["final"]["test_accuracy"], with_blocks["chosen"]) == (study_row["test_accuracy"],
+                                                                              study_row["chosen"])
+    # the lines changed what it trained on: its selection's training loss differs from the plain command's
+    assert [row["train_loss"] for row in with_blocks["selection"]] != [row["train_loss"]
+                                                                       for row in written[()]["selection"]]
 
 
 # ---------------------------------------------------------------- the cache and the study
