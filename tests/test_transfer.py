@@ -12,7 +12,7 @@ import torch
 import main
 import training
 import utilities
-from dataset import LabelledSegments, WindowBatches, lines_of, speaker_blocks, split_lines
+from dataset import LabelledSegments, WindowBatches, lines_of, read_labelled_segments, speaker_blocks, split_lines
 from models.pretrained import Pretrained
 from runtime import corpus
 from studies import baselines, transfer
@@ -317,9 +317,21 @@ def test_part_one_generative_gives_the_studys_row_and_refuses_what_does_not_fit(
     assert not (tmp_path / "saved").exists()
 
 
-def test_part_one_with_the_speaker_blocks_gives_the_studys_fine_tuned_classifier_row(small_data, saved_decoder,
-                                                                                    tmp_path, capsys):
-    folder, _ = saved_decoder
+def test_part_one_with_the_speaker_blocks_gives_the_studys_fine_tuned_classifier_row(copy_of_small_data, tmp_path,
+                                                                                    capsys):
+    # speaker blocks after train_LM.txt's own lines (the stand-in's slice holds none): each president's segments in
+    # turn, each followed by a line of its own words
+    small_data = copy_of_small_data
+    segments = read_labelled_segments(small_data / "train_CLS.tsv")
+    with (small_data / "train_LM.txt").open("a", encoding="utf-8") as lines:
+        lines.writelines(f"{text}\n{text} {text}\n" for label in range(3)
+                         for text in (text for text, of in zip(segments.texts, segments.labels) if of == label))
+    run = training.make_run(data_dir=small_data, device="cpu", model_flags={"block_size": 16},
+                            training_flags={"epochs": 2})  # the commands' run: the tiny decoder's 16 positions
+    torch.manual_seed(0)
+    config = training.model_config(run, "lm", preset="best", **TINY_DECODER)
+    folder = utilities.save_checkpoint(tmp_path / "decoder", TransformerLM(config), {**config.to_dict(), "model": "lm"},
+                                       run.tokenizer.to_json(), {})
     written = {}
     for blocks in ((), ("--speaker-blocks",)):
         status, out, err = run_main(capsys, "--part", "one", "--data-dir", small_data, "--out", tmp_path, "--init-from",
@@ -327,8 +339,7 @@ def test_part_one_with_the_speaker_blocks_gives_the_studys_fine_tuned_classifier
                                     "--epochs", "2", *blocks, "--device", "cpu", "--no-plots")
         assert status == 0, err
         written[blocks] = json.loads((tmp_path / "part_one.json").read_text())
-    run = training.make_run(data_dir=small_data, device="cpu", model_flags={"block_size": 16},
-                            training_flags={"epochs": 2})  # the commands' run: the tiny decoder's 16 positions
+    assert len(speaker_blocks(run.data)) > len(segments.texts)  # each segment and the line after it, but a president's last
     assert f"trained with {len(speaker_blocks(run.data))} train_LM.txt lines by speaker block" in out
     study_row = transfer.finetune_classifier(run, Pretrained(folder), 42, QUIET, blocks=True)  # the default seed
     with_blocks = written[("--speaker-blocks",)]
