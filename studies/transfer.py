@@ -432,6 +432,11 @@ def summarise_lm(reports: list[dict], pretraining_tokens: int, words: dict[str, 
 
 
 CLASSIFIER_KEYS = ("test_accuracy", "test_accuracy_seen", "test_accuracy_unseen")
+# the fine-tuned classifiers' rows: (name, job task, the pretrained model it starts from); with the speaker blocks,
+# each has a row of the same name + BLOCKS from the task's _blocks jobs
+FINE_TUNED_CLASSIFIERS = (("pretrained decoder, fine-tuned as a classifier", "classifier", "decoder"),
+                          ("MLM-pretrained encoder, fine-tuned", "classifier", "encoder"),
+                          ("pretrained decoder, fine-tuned per president (Bayes' rule)", "generative", "decoder"))
 
 
 def summarise_classifier(run: training.Run, reports: list[dict], pretraining_tokens: int, labelled_lines: int = 0) -> dict:
@@ -512,23 +517,17 @@ def study(run: training.Run, context: Context, log=print) -> tuple[dict, list[st
         run, found, unlabelled_lines=found["unlabelled_lines"], alpha=found["alpha"], weight=found["weight"])
     if reference_classifier:
         classifier["course base encoder (no pretraining)"] = reference_classifier
-    classifier["pretrained decoder, fine-tuned as a classifier"] = summarise_classifier(
-        run, finished["classifier", "decoder"], pretraining["tokens"])
-    classifier["MLM-pretrained encoder, fine-tuned"] = summarise_classifier(
-        run, finished["classifier", "encoder"], pretraining["tokens"])
-    classifier["pretrained decoder, fine-tuned per president (Bayes' rule)"] = summarise_classifier(
-        run, finished["generative", "decoder"], pretraining["tokens"])
+    for name, task, start in FINE_TUNED_CLASSIFIERS:
+        classifier[name] = summarise_classifier(run, finished[task, start], pretraining["tokens"])
     if context.options["speaker_blocks"]:  # like with like: the count classifiers get the same labelled lines
         lines = len(speaker_blocks(run.data))
         classifier.update({f"{name}{BLOCKS}": count_classifier_row(run, found, labelled_lines=lines,
                                                                    labelled_examples=len(run.data.train_cls.texts) + lines)
                            for name, found in baselines.classifier_baselines(run.data, run.words, blocks=True).items()
                            if name in ("naive_bayes", "tfidf_logreg")})
-        for name, task, start in (("pretrained decoder, fine-tuned as a classifier", "classifier_blocks", "decoder"),
-                                  ("MLM-pretrained encoder, fine-tuned", "classifier_blocks", "encoder"),
-                                  ("pretrained decoder, fine-tuned per president (Bayes' rule)", "generative_blocks",
-                                   "decoder")):
-            classifier[f"{name}{BLOCKS}"] = summarise_classifier(run, finished[task, start], pretraining["tokens"], lines)
+        for name, task, start in FINE_TUNED_CLASSIFIERS:
+            classifier[f"{name}{BLOCKS}"] = summarise_classifier(run, finished[f"{task}_blocks", start],
+                                                                 pretraining["tokens"], lines)
     for row in lm.values():  # a spread's pooled figure is that of its files' means
         row["pooled_perplexity"] = pooled_perplexity({k: _mean(v) for k, v in row["perplexity"].items()}, words)
         if "ensemble" in row:
