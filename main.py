@@ -47,7 +47,6 @@ from transformer import TransformerConfig
 # part three's studies, in the order they run: each a flag (and its options) built from its row
 STUDIES = (heads.STUDY, span_corruption.STUDY, exploration.STUDY, improvement.STUDY, scaling.STUDY, gap.STUDY,
            transfer.STUDY, instruct.STUDY)
-PART_ONE_OPTIONS = ("speaker_blocks",)  # study options that part one also takes (its encoder or --generative)
 
 # ---------------------------------------------------------------- the parts
 
@@ -123,7 +122,7 @@ def train_part(run: Run, args, part: str, task: str) -> tuple[training.TrainResu
     if args.init_from is not None:
         print(f"fine-tuned from {args.init_from}")
     if blocks:
-        print(f"trained with {len(speaker_blocks(run.data))} train_LM.txt lines by speaker block")
+        print(f"trained with {trained.final['extra_examples']} train_LM.txt lines by speaker block")
     failures = check_attention(run, trained.model, task == "lm", prefix)
     result = {"vocab_size": run.tokenizer.vocab_size, "tokenizer": run.settings.tokenizer, **trained.report(),
               "extra": extra(run, trained.model)}
@@ -400,11 +399,11 @@ def check_options(parser: argparse.ArgumentParser, args):
             raise ValueError(f"--{option.name.replace('_', '-')} must be {bound}, got {value}")
     if args.speaker_blocks and not (args.part == "one" or args.transfer):
         raise ValueError("--speaker-blocks applies to part one and to part three's --transfer")
-    # the options of part three's studies, given to part one or two, would be silently ignored
-    names = [*(study.flag for study in STUDIES), *(option.name for option in options)]
-    given = [name for name in names if getattr(args, name) != parser.get_default(name)
-             and not (args.part == "one" and name in PART_ONE_OPTIONS)]
-    if args.part != "three" and given:
+    # the options of part three's studies, given to a part that does not take them, would be silently ignored
+    parts = {study.flag: ("three",) for study in STUDIES} | {option.name: option.parts for option in options}
+    given = [name for name, taken_by in parts.items()
+             if args.part not in taken_by and getattr(args, name) != parser.get_default(name)]
+    if given:
         raise ValueError(f"--{given[0].replace('_', '-')} applies to part three only: use it with --part three")
     if args.part == "three" and (args.checkpoint_every or args.resume or args.init_from
                                  or data_parallel.launched_by_torchrun()):

@@ -575,6 +575,8 @@ def train_classifier(run: Run, config: TransformerConfig, training: TrainingConf
     if probabilities is None:
         probabilities = predict(model, test_ids, run.device)
     final = classifier_report(run, probabilities)
+    if extra is not None:
+        final["extra_examples"] = len(more.texts)
     chosen = best_evaluation(epochs)["epoch"] if validation is not None else None
     final["model"] = (f"the best validation evaluation (epoch {chosen}), restored" if chosen is not None
                       else f"the last epoch ({epochs[-1]['epoch']})")

@@ -21,6 +21,7 @@ class Option:
     default: object
     help: str
     minimum: int | None = None  # an int's smallest value, checked before any training
+    parts: tuple[str, ...] = ("three",)  # the parts that take it (part three through its study's flag)
 
 
 @dataclass

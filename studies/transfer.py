@@ -608,4 +608,4 @@ STUDY = Study("transfer", "transfer", "transfer (pretrain on sotu, fine-tune on 
                               "with --transfer: also train every classifier (the count models, the fine-tuned decoder "
                               "and encoder, the generative one) on train_LM.txt's lines labelled by the speaker block "
                               "they sit in (between two train_CLS segments of one president; rows of their own); with "
-                              "part one, its classifier")))
+                              "part one, its classifier", parts=("one", "three"))))

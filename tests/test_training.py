@@ -223,14 +223,20 @@ def test_a_classifiers_extra_examples_come_from_the_segments_it_trains_on_and_jo
         return [(f"an extra example {index}", index % 3) for index in range(7)]
 
     original = training.EpochBatches
-    monkeypatch.setattr(training, "EpochBatches", lambda ids, labels, *rest: batched.append(labels.tolist())
-                        or original(ids, labels, *rest))
-    training.train_classifier(run, model_config(run, "classifier"), settings, 1, log=lambda *a: None, extra=extra)
+
+    def recording_batches(ids, labels, *rest):
+        batched.append(labels.tolist())
+        return original(ids, labels, *rest)
+
+    monkeypatch.setattr(training, "EpochBatches", recording_batches)
+    result = training.train_classifier(run, model_config(run, "classifier"), settings, 1, log=lambda *a: None,
+                                       extra=extra)
     labels = run.data.train_cls.labels
     kept, _ = stratified_split(labels, settings.validation_fraction, seed=0)
     assert settings.refit and asked == [kept.tolist(), list(range(len(labels)))]
     extra_labels = [index % 3 for index in range(7)]
     assert batched == [[labels[index] for index in kept.tolist()] + extra_labels, labels + extra_labels]
+    assert result.final["extra_examples"] == 7
 
 
 @pytest.mark.parametrize("preset", [None, "best"])
